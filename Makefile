@@ -1,0 +1,27 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - create .venv, install, run the main job (quickstart)
+#   make test   - create .venv, install, run the default test suite
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+
+.PHONY: demo test test-slow lint bench
+
+.venv/.installed: pyproject.toml constraints.txt
+	python3 -m venv .venv
+	$(PIP) install -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: .venv/.installed
+	$(PY) -m sae_vision_ext.quickstart
+
+test: .venv/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-slow: .venv/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+
+lint: .venv/.installed
+	$(PY) -m ruff check sae_vision_ext tests examples benchmarks
+
+bench: .venv/.installed
+	for b in benchmarks/*.py; do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
