@@ -5,9 +5,11 @@ Importing this package registers the plugin's SAE architectures with SAELens (id
 libraries (timm, open_clip, datasets) are imported only where they are used.
 """
 
+from sae_vision_ext.loading import register_releases
 from sae_vision_ext.saes import register_architectures
 
 register_architectures()
+register_releases()
 
 __version__ = "0.1.0"
 

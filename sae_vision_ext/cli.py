@@ -11,7 +11,10 @@ import importlib
 import sys
 
 # subcommand -> module that adds it; a module may add several subcommands.
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "convert": "sae_vision_ext.loading.convert",
+    "train-distributed": "sae_vision_ext.training.distributed",
+}
 
 EPILOG = """examples:
   sae-vision cache --help

@@ -82,10 +82,10 @@ class MaskSAE(torch.nn.Module):
 def test_evaluate_sae_streams_hand_values_over_batches():
     x = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 3.0], [2.0, 1.0, 0.0]])
     sae = MaskSAE()
-    # errors: 9, 9, 0 ; mean row [1, 1, 2] ; total SS = (0+1+1) + (1+1+1) + (1+0+4) = 9
+    # errors: 9, 9, 0 ; mean row [1, 1, 2] ; total SS = (0+1+1) + (1+1+1) + (1+0+4) = 10
     result = evaluate_sae(sae, [x[:2], x[2:]], dead_threshold=0.0)
-    assert result["fvu"] == pytest.approx(18 / 9)
-    assert result["explained_variance"] == pytest.approx(-1.0)
+    assert result["fvu"] == pytest.approx(18 / 10)
+    assert result["explained_variance"] == pytest.approx(-0.8)
     assert result["n_rows"] == 3 and result["d_sae"] == 4
     # latents: [1,2,0,0], [0,0,0,0], [2,1,0,0] -> L0 = 4/3 ; latents 2 and 3 never fire
     assert result["l0"] == pytest.approx(4 / 3)

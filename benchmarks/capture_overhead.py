@@ -1,0 +1,99 @@
+"""Cost of hooked activation capture against the bare library forward pass (one run, interleaved).
+
+Variants, each timed ``--repeats`` times in a shuffled interleaved order (so machine load drifts hit all
+of them alike), reported as the median and as a ratio to the bare forward:
+
+- bare: the library model's own forward (``encode_image`` / timm ``forward``)
+- hooked: the HookedVisionModel forward with no hooks attached
+- capture last: ``run_with_cache`` of the last block's ``hook_resid_post`` (full forward)
+- capture all: ``run_with_cache`` of every hook point (full forward)
+- stop L: ``run_with_cache(..., stop_at_layer=L)`` of ``blocks.{L-1}.hook_resid_post``; expected cost ~ L/N
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+
+EPILOG = """examples:
+  python benchmarks/capture_overhead.py
+  python benchmarks/capture_overhead.py --model open_clip:ViT-B-16/openai --batch 8 --repeats 15
+  python benchmarks/capture_overhead.py --img-size 112 --repeats 3     # quick look
+"""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Hooked capture vs bare forward (ratios from one run).",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="timm:vit_base_patch16_clip_224.openai")
+    parser.add_argument("--img-size", type=int, default=None, help="default: the model's own (224)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from sae_vision_ext.vision.load import load_vision_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, _ = load_vision_model(args.model, pretrained=False, img_size=args.img_size)
+    n = model.n_layers
+    h, w = model.cfg.image_size
+    images = torch.randn(args.batch, 3, h, w)
+    bare = model.model
+    bare_forward = bare.encode_image if hasattr(bare, "encode_image") else bare
+    last = f"blocks.{n - 1}.hook_resid_post"
+    stops = sorted({max(1, n // 4), n // 2, (3 * n) // 4})
+
+    variants = {
+        "bare forward": lambda: bare_forward(images),
+        "hooked forward (no hooks)": lambda: model(images),
+        f"capture {last}": lambda: model.run_with_cache(images, names_filter=last),
+        f"capture all {len(model.hook_dict)} hooks": lambda: model.run_with_cache(images),
+    }
+    for stop in stops:
+        variants[f"stop_at_layer={stop} (of {n})"] = (
+            lambda stop=stop: model.run_with_cache(images, names_filter=f"blocks.{stop - 1}.hook_resid_post",
+                                                   stop_at_layer=stop))
+    times = {name: [] for name in variants}
+    rng = random.Random(0)
+    with torch.no_grad():
+        for fn in variants.values():  # warm-up
+            fn()
+        for _ in range(args.repeats):
+            order = list(variants)
+            rng.shuffle(order)
+            for name in order:
+                start = time.perf_counter()
+                variants[name]()
+                times[name].append(time.perf_counter() - start)
+
+    base = statistics.median(times["bare forward"])
+    print(f"model {model.spec} (random init), {n} blocks, d_model={model.cfg.d_model}, image {h}x{w}, "
+          f"{model.token_layout.n_tokens} tokens, batch {args.batch}, torch threads {torch.get_num_threads()}, "
+          f"{args.repeats} interleaved repeats, medians")
+    print(f"{'variant':40s} {'median s':>9s} {'ratio':>7s} {'expected':>9s}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        expected = ""
+        if name.startswith("stop_at_layer"):
+            stop = int(name.split("=")[1].split()[0])
+            expected = f"~{stop / n:.2f}"
+        elif name != "bare forward":
+            expected = "<=1.03"
+        print(f"{name:40s} {median:9.4f} {median / base:7.3f} {expected:>9s}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

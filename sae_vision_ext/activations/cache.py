@@ -1,0 +1,407 @@
+"""On-disk activation cache in SAELens's cached-activation format, written in shards and committed atomically.
+
+Format (what ``datasets.load_from_disk`` and SAELens's ``ActivationsStore(cached_activations_path=...)`` read):
+a ``save_to_disk``-style folder (``state.json``, ``dataset_info.json``, Arrow stream files) with one
+``Array2D(shape=(context_size, d_in))`` column per hook, named after the hook. For images, ``context_size`` is the
+number of selected tokens per image, so ``len(dataset) * context_size`` token rows are stored.
+
+Shuffling: shard ``i`` holds image positions ``[i M, (i + 1) M)`` (``M = images_per_shard``). Before it is written,
+its token rows are permuted jointly across hooks with a generator seeded by ``(seed, i)`` and packed back into
+rows of ``context_size``, so consecutive rows come from different images and a reader can stream each shard in
+order. Each shard is written to a temporary name, fsynced and renamed.
+
+Atomic commit: work happens in ``<path>.incomplete/``. Only when every shard is done are ``dataset_info.json``,
+``state.json`` and the metadata file (``sae_vision_cache.json``: model, weights, hooks, token selection, image
+count, ...) written, and the folder renamed to ``<path>`` in one ``os.rename``. An interrupted cache therefore
+never looks complete, and running the same command again reuses the shards that are done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CACHE_METADATA_FILENAME = "sae_vision_cache.json"
+CACHE_SETTINGS_FILENAME = "cache_settings.json"
+INCOMPLETE_SUFFIX = ".incomplete"
+FORMAT_VERSION = 1
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that renames inside it are durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` via a temporary file, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def activation_features(hook_widths: dict[str, int], context_size: int, dtype: str = "float32"):
+    """HF ``Features``: one ``Array2D((context_size, d_in))`` column per hook."""
+    from datasets import Array2D, Features
+
+    if dtype not in _NUMPY_DTYPES:
+        raise ValueError(f"cache dtype must be one of {list(_NUMPY_DTYPES)}, got {dtype!r}")
+    return Features({hook: Array2D(shape=(context_size, d), dtype=dtype) for hook, d in hook_widths.items()})
+
+
+def _array2d_column(values: np.ndarray, features, hook: str):
+    """Arrow ``Array2D`` extension array from ``values [n, c, d]`` (zero copy of the numpy buffer)."""
+    import pyarrow as pa
+
+    n, c, d = values.shape
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, n * c * d + 1, d, dtype=np.int32)), flat)
+    outer = pa.ListArray.from_arrays(pa.array(np.arange(0, n * c + 1, c, dtype=np.int32)), inner)
+    ext_type = features.arrow_schema.field(hook).type
+    return pa.ExtensionArray.from_storage(ext_type, outer)
+
+
+def write_arrow_shard(path: Path, columns: dict[str, np.ndarray], features) -> int:
+    """Write ``{hook: [n, c, d]}`` as one Arrow stream file at ``path`` (temporary name, fsync, rename)."""
+    import pyarrow as pa
+
+    path = Path(path)
+    schema = features.arrow_schema
+    arrays = [_array2d_column(columns[name], features, name) for name in schema.names]
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_table(table, max_chunksize=max(1, 1 << 14))
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    return table.num_rows
+
+
+def commit_dataset_folder(folder: Path, data_files: list[str], features, fingerprint: str) -> None:
+    """Write ``dataset_info.json`` and ``state.json`` so that ``datasets.load_from_disk(folder)`` works."""
+    from datasets import DatasetInfo
+
+    info = DatasetInfo(features=features)
+    with open(folder / "dataset_info.json", "wb") as f:
+        info._dump_info(f, pretty_print=True)
+        f.flush()
+        os.fsync(f.fileno())
+    write_json_atomic(
+        folder / "state.json",
+        {
+            "_data_files": [{"filename": name} for name in data_files],
+            "_fingerprint": fingerprint,
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class CacheShard:
+    """One Arrow file: per hook a list of ``[rows, d]`` numpy views over the memory-mapped file."""
+
+    filename: str
+    blocks: dict[str, list[np.ndarray]]
+    n_rows: int
+
+    def rows(self, hook: str, start: int, stop: int) -> np.ndarray:
+        """Token rows ``[start, stop)`` of ``hook`` (a view when they lie in one block, else a copy)."""
+        pieces, offset = [], 0
+        for block in self.blocks[hook]:
+            lo, hi = max(start - offset, 0), min(stop - offset, block.shape[0])
+            if lo < hi:
+                pieces.append(block[lo:hi])
+            offset += block.shape[0]
+            if offset >= stop:
+                break
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def all_rows(self, hook: str) -> np.ndarray:
+        blocks = self.blocks[hook]
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+
+class CachedActivations:
+    """Read-only view of a committed activation cache (ours or one written by SAELens); needs no model.
+
+    ``metadata`` is our ``sae_vision_cache.json`` (empty for foreign caches); ``hook_widths`` maps each
+    ``Array2D`` column to its ``d_in``; ``context_size`` is the tokens per stored row.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import pyarrow as pa
+
+        self.path = Path(path)
+        if not (self.path / "state.json").exists():
+            incomplete = self.path.with_name(self.path.name + INCOMPLETE_SUFFIX)
+            hint = (
+                f" ({incomplete} exists: that cache was interrupted; run the cache command again to finish it)"
+                if incomplete.exists()
+                else ""
+            )
+            raise FileNotFoundError(f"{self.path} is not a complete activation cache{hint}")
+        state = json.loads((self.path / "state.json").read_text())
+        meta_path = self.path / CACHE_METADATA_FILENAME
+        self.metadata: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        self.shards: list[CacheShard] = []
+        self.hook_widths: dict[str, int] = {}
+        self.context_size: int | None = None
+        self.dtype: str | None = None
+        for entry in state["_data_files"]:
+            source = pa.memory_map(str(self.path / entry["filename"]), "r")
+            table = pa.ipc.open_stream(source).read_all()
+            blocks: dict[str, list[np.ndarray]] = {}
+            for name in table.column_names:
+                column = table.column(name)
+                shape = getattr(column.type, "shape", None)
+                if shape is None or len(shape) != 2:
+                    continue  # e.g. SAELens's token_ids column
+                context, width = shape
+                self.hook_widths.setdefault(name, int(width))
+                self.context_size = int(context)
+                self.dtype = str(column.type.value_type)
+                blocks[name] = [
+                    _flat_values(chunk).reshape(-1, width) for chunk in column.chunks if len(chunk) > 0
+                ]
+            n_rows = table.num_rows * (self.context_size or 0)
+            self.shards.append(CacheShard(entry["filename"], blocks, n_rows))
+        if not self.hook_widths:
+            raise ValueError(f"{self.path} has no Array2D activation column")
+
+    @property
+    def hook_names(self) -> list[str]:
+        return list(self.hook_widths)
+
+    @property
+    def n_rows(self) -> int:
+        """Token rows in the cache (``len(dataset) * context_size``)."""
+        return sum(s.n_rows for s in self.shards)
+
+    @property
+    def shuffled(self) -> bool:
+        """True when the writer permuted token rows within each shard (our caches)."""
+        return bool(self.metadata.get("shuffled_within_shards", False))
+
+    def iter_rows(self, hook: str, block_rows: int = 65536) -> Iterator[np.ndarray]:
+        """Every token row of ``hook`` in stored order, in blocks."""
+        for shard in self.shards:
+            for start in range(0, shard.n_rows, block_rows):
+                yield shard.rows(hook, start, min(start + block_rows, shard.n_rows))
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedActivations({str(self.path)!r}, hooks={self.hook_widths}, rows={self.n_rows}, "
+            f"context_size={self.context_size}, shards={len(self.shards)})"
+        )
+
+
+def _flat_values(chunk) -> np.ndarray:
+    storage = chunk.storage if hasattr(chunk, "storage") else chunk
+    # offsets of a sliced list array may not start at 0: flatten() honours the slice
+    return storage.flatten().flatten().to_numpy(zero_copy_only=True)
+
+
+def cache_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a committed cache (``{}`` for a cache written by another tool)."""
+    meta = Path(path) / CACHE_METADATA_FILENAME
+    if not (Path(path) / "state.json").exists():
+        raise FileNotFoundError(f"{path} is not a complete activation cache")
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ActivationCacheWriter:
+    """Writes the activations of an :class:`~sae_vision_ext.activations.source.ImageActivationSource` to disk.
+
+    ``settings`` are the facts that determine the content (model, weights, hooks, selection, dataset, seed,
+    augmentation, shard size, dtype); a resumed run must match them. ``metadata`` is stored with the cache.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        n_images: int,
+        images_per_shard: int,
+        settings: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        seed: int = 0,
+        overwrite: bool = False,
+    ):
+        self.path = Path(path)
+        self.work = self.path.with_name(self.path.name + INCOMPLETE_SUFFIX)
+        if n_images <= 0:
+            raise ValueError(f"n_images must be positive, got {n_images}")
+        self.n_images = int(n_images)
+        self.images_per_shard = int(images_per_shard)
+        self.n_shards = -(-self.n_images // self.images_per_shard)
+        self.settings = dict(settings, images_per_shard=self.images_per_shard, dtype=dtype, seed=seed)
+        self.metadata = dict(metadata or {})
+        self.dtype = dtype
+        self.seed = int(seed)
+        self.overwrite = overwrite
+        if dtype not in _NUMPY_DTYPES:
+            raise ValueError(f"cache dtype must be one of {list(_NUMPY_DTYPES)}, got {dtype!r}")
+
+    # -- layout
+    def shard_name(self, index: int) -> str:
+        return f"data-{index:05d}.arrow"
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        start = index * self.images_per_shard
+        return start, min(start + self.images_per_shard, self.n_images)
+
+    def _shard_record(self, index: int) -> dict[str, Any] | None:
+        record_path = self.work / f"data-{index:05d}.json"
+        if not (self.work / self.shard_name(index)).exists() or not record_path.exists():
+            return None
+        record = json.loads(record_path.read_text())
+        if tuple(record.get("positions", ())) != self.shard_range(index):
+            return None
+        return record
+
+    def prepare(self) -> list[int]:
+        """Check the destination, create or reuse the work folder; returns the shard indices still to write."""
+        if self.path.exists():
+            if not self.overwrite:
+                raise FileExistsError(f"{self.path} already exists (a complete cache); pass overwrite to replace it")
+        parent = self.path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(f"cannot write the cache: {parent} is not writable")
+        settings_path = self.work / CACHE_SETTINGS_FILENAME
+        fingerprint = settings_fingerprint(self.settings)
+        if self.work.exists():
+            previous = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+            if previous.get("fingerprint") != fingerprint:
+                changed = sorted(
+                    k
+                    for k in set(previous.get("settings", {})) | set(self.settings)
+                    if previous.get("settings", {}).get(k) != self.settings.get(k)
+                )
+                raise ValueError(
+                    f"{self.work} holds an interrupted cache made with other settings (differs in: "
+                    f"{', '.join(changed) or 'unknown'}); delete it or use the same settings to resume"
+                )
+        else:
+            self.work.mkdir(parents=True)
+        write_json_atomic(settings_path, {"fingerprint": fingerprint, "settings": self.settings})
+        return [i for i in range(self.n_shards) if self._shard_record(i) is None]
+
+    def write_shard(self, index: int, rows: dict[str, torch.Tensor], context_size: int, extra: dict) -> None:
+        """Permute the shard's token rows (jointly across hooks), pack into ``context_size`` rows and write."""
+        hook_widths = {h: int(t.shape[1]) for h, t in rows.items()}
+        features = activation_features(hook_widths, context_size, self.dtype)
+        n = next(iter(rows.values())).shape[0]
+        if n % context_size:
+            raise ValueError(f"shard {index}: {n} token rows is not a multiple of context_size {context_size}")
+        generator = torch.Generator().manual_seed(_mix_seed(self.seed, 31, index))
+        order = torch.randperm(n, generator=generator)
+        np_dtype = _NUMPY_DTYPES[self.dtype]
+        columns = {
+            h: t[order].to(torch.float32).numpy().astype(np_dtype, copy=False).reshape(-1, context_size, t.shape[1])
+            for h, t in rows.items()
+        }
+        record = {
+            "positions": list(self.shard_range(index)),
+            "n_contexts": n // context_size,
+            "context_size": context_size,
+            "hook_widths": hook_widths,
+            **extra,
+        }
+        write_json_atomic(self.work / f"data-{index:05d}.json", record)
+        write_arrow_shard(self.work / self.shard_name(index), columns, features)
+
+    def commit(self) -> CachedActivations:
+        """All shards done: write the dataset files and metadata, then rename the work folder into place."""
+        records = []
+        for i in range(self.n_shards):
+            record = self._shard_record(i)
+            if record is None:
+                raise RuntimeError(f"shard {i} of {self.n_shards} is missing; the cache is not complete")
+            records.append(record)
+        widths = records[0]["hook_widths"]
+        context_size = records[0]["context_size"]
+        features = activation_features(widths, context_size, self.dtype)
+        data_files = [self.shard_name(i) for i in range(self.n_shards)]
+        n_contexts = sum(r["n_contexts"] for r in records)
+        metadata = {
+            **self.metadata,
+            "format_version": FORMAT_VERSION,
+            "hook_names": list(widths),
+            "hook_widths": widths,
+            "context_size": context_size,
+            "n_images": self.n_images,
+            "n_images_ok": sum(r.get("n_images_ok", 0) for r in records),
+            "n_images_failed": sum(r.get("n_images_failed", 0) for r in records),
+            "n_contexts": n_contexts,
+            "n_rows": n_contexts * context_size,
+            "n_shards": self.n_shards,
+            "images_per_shard": self.images_per_shard,
+            "dtype": self.dtype,
+            "seed": self.seed,
+            "shuffled_within_shards": True,
+            "settings": self.settings,
+            "created_unix": time.time(),
+        }
+        commit_dataset_folder(self.work, data_files, features, settings_fingerprint(metadata))
+        write_json_atomic(self.work / CACHE_METADATA_FILENAME, metadata)
+        for name in [CACHE_SETTINGS_FILENAME, *(f"data-{i:05d}.json" for i in range(self.n_shards))]:
+            (self.work / name).unlink(missing_ok=True)
+        fsync_dir(self.work)
+        if self.path.exists():  # overwrite: move the old cache aside first, so a crash leaves one of the two
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.rename(self.path, old)
+            os.rename(self.work, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.work, self.path)
+        fsync_dir(self.path.parent)
+        return CachedActivations(self.path)
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and platforms)."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -1,0 +1,329 @@
+"""Where images come from, and how they become model inputs in DataLoader workers.
+
+An image collection is anything with ``len()`` and ``load(i) -> PIL.Image`` (RGB): an in-memory list, a folder of
+image files, or a Hugging Face ``datasets`` dataset (by hub name, ``save_to_disk`` folder or data folder).
+
+The stream of model inputs is indexed by a *position* ``g = 0, 1, 2, ...`` that never wraps: epoch ``e = g // n``
+visits the collection in the order of a permutation seeded by ``(seed, e)``, and position ``g`` is augmented with a
+random generator seeded by ``(seed, g)``. Every input is therefore a pure function of ``(seed, g)``, whatever the
+number of DataLoader workers, which is what lets a resumed run skip to a position and see the same data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+AUGMENTATIONS = ("none", "crop_flip")
+
+
+def to_rgb_image(item: Any):
+    """A PIL RGB image from a PIL image, an ``[H, W(, C)]`` uint8/float array, a path, or HF's ``{"bytes"|"path"}``."""
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        image = item
+    elif isinstance(item, (str, os.PathLike)):
+        with Image.open(item) as opened:
+            image = opened.convert("RGB")
+    elif isinstance(item, dict) and (item.get("bytes") is not None or item.get("path")):
+        import io
+
+        source = io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"]
+        with Image.open(source) as opened:
+            image = opened.convert("RGB")
+    elif isinstance(item, (np.ndarray, torch.Tensor)):
+        array = np.asarray(item)
+        if array.dtype != np.uint8:
+            scale = 255.0 if array.max() <= 1.0 else 1.0
+            array = np.clip(array * scale, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array)
+    else:
+        raise TypeError(f"cannot read an image from {type(item).__name__}")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class ListImages:
+    """An in-memory list of images (PIL images, arrays or paths)."""
+
+    def __init__(self, images: Sequence[Any], name: str = "in-memory"):
+        self.images = list(images)
+        self.name = f"{name}[{len(self.images)}]"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int):
+        return to_rgb_image(self.images[index])
+
+
+class FolderImages:
+    """Every image file under ``root`` (recursive), in sorted path order."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.paths = sorted(
+            p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not self.paths:
+            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+        self.name = str(self.root)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int):
+        return to_rgb_image(self.paths[index])
+
+
+class HFImages:
+    """A map-style Hugging Face dataset; ``image_column`` is found from the features when not given."""
+
+    def __init__(self, dataset: Any, image_column: str | None = None, name: str = "hf-dataset"):
+        from datasets import Image as ImageFeature
+
+        if image_column is None:
+            candidates = [k for k, f in dataset.features.items() if isinstance(f, ImageFeature)]
+            candidates += [k for k in ("image", "img", "jpg", "png") if k in dataset.column_names]
+            if not candidates:
+                raise ValueError(
+                    f"no image column in dataset {name}; columns are {dataset.column_names}: pass image_column"
+                )
+            image_column = candidates[0]
+        if image_column not in dataset.column_names:
+            raise ValueError(f"image column {image_column!r} not in dataset columns {dataset.column_names}")
+        # decode=False: workers decode, and a corrupt file fails one item instead of the whole fetch.
+        feature = dataset.features[image_column]
+        if isinstance(feature, ImageFeature):
+            dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+        self.dataset = dataset.select_columns([image_column])
+        self.image_column = image_column
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int):
+        return to_rgb_image(self.dataset[int(index)][self.image_column])
+
+
+class SubsetImages:
+    """The images of ``base`` at ``indices`` (used to hold images out for evaluation)."""
+
+    def __init__(self, base: Any, indices: Sequence[int]):
+        self.base = base
+        self.indices = [int(i) for i in indices]
+        self.name = f"{getattr(base, 'name', 'images')}[{len(self.indices)} selected]"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int):
+        return self.base.load(self.indices[index])
+
+
+def open_images(
+    source: Any, split: str = "train", image_column: str | None = None
+) -> ListImages | FolderImages | HFImages | Any:
+    """An image collection from a list of images, an image folder, a ``save_to_disk`` folder or a hub dataset name.
+
+    Objects that already have ``__len__`` and ``load`` pass through unchanged.
+    """
+    if hasattr(source, "load") and hasattr(source, "__len__"):
+        return source
+    if isinstance(source, (list, tuple)):
+        return ListImages(source)
+    if not isinstance(source, (str, os.PathLike)):
+        if hasattr(source, "features") and hasattr(source, "column_names"):
+            return HFImages(source, image_column)
+        raise TypeError(f"cannot read images from {type(source).__name__}")
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            import datasets
+
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = loaded[split]
+            return HFImages(loaded, image_column, name=text)
+        has_files = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*") if p.is_file())
+        if has_files:
+            return FolderImages(path)
+        raise FileNotFoundError(f"{path} holds neither image files nor a saved Hugging Face dataset")
+    if path.exists():
+        raise ValueError(f"{path} is a file; give an image folder, a dataset folder or a hub dataset name")
+    if text.startswith(("/", "./", "../", "~")) or os.sep + os.sep in text:
+        raise FileNotFoundError(f"no image folder or dataset at {path}")
+    import datasets
+
+    loaded = datasets.load_dataset(text, split=split)
+    return HFImages(loaded, image_column, name=text)
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+
+
+def random_resized_crop_flip(
+    image: Any, rng: np.random.Generator, scale: tuple[float, float] = (0.35, 1.0), ratio=(3 / 4, 4 / 3)
+):
+    """Crop an area fraction ``a ~ U(scale)`` of aspect ``r ~ logU(ratio)`` at a uniform place, flip with p=1/2.
+
+    The crop keeps its own resolution; the model's preprocessing then resizes it. Uses only ``rng``.
+    """
+    from PIL import Image
+
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            break
+    else:
+        w, h = min(width, height), min(width, height)
+        left, top = (width - w) // 2, (height - h) // 2
+    crop = image.crop((left, top, left + w, top + h))
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return crop
+
+
+# ----------------------------------------------------------------------------------------------- positions
+
+
+class PositionedImages(torch.utils.data.Dataset):
+    """Position ``g`` -> ``(g, preprocessed tensor [3, H, W] or None if the image could not be read)``.
+
+    ``g`` maps to image ``perm_e[g % n]`` with ``e = g // n`` (see the module docstring). Failures are returned as
+    ``None`` and counted by the collate function, so one bad file never stops a run.
+    """
+
+    def __init__(
+        self,
+        images: Any,
+        preprocess: Callable[[Any], torch.Tensor],
+        seed: int = 0,
+        augment: str = "none",
+        crop_scale: tuple[float, float] = (0.35, 1.0),
+        shuffle: bool = True,
+    ):
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+        if len(images) == 0:
+            raise ValueError("the image collection is empty")
+        self.images = images
+        self.preprocess = preprocess
+        self.seed = int(seed)
+        self.augment = augment
+        self.crop_scale = tuple(crop_scale)
+        self.shuffle = shuffle
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:  # positions are unbounded; len() is one epoch
+        return len(self.images)
+
+    def image_index(self, position: int) -> int:
+        n = len(self.images)
+        epoch, offset = divmod(int(position), n)
+        if not self.shuffle:
+            return offset
+        order = self._orders.get(epoch)
+        if order is None:
+            order = np.random.default_rng([self.seed, 7, epoch]).permutation(n)
+            self._orders = {epoch: order}  # one epoch at a time: positions arrive in order
+        return int(order[offset])
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = self.images.load(self.image_index(position))
+            if self.augment == "crop_flip":
+                rng = np.random.default_rng([self.seed, 11, int(position)])
+                image = random_resized_crop_flip(image, rng, scale=self.crop_scale)
+            tensor = self.preprocess(image)
+            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+                raise ValueError("preprocess must return a [3, H, W] tensor")
+            return int(position), tensor, None
+        except Exception as err:  # noqa: BLE001 - any unreadable / corrupt image is skipped and counted
+            return int(position), None, f"{type(err).__name__}: {err}"[:300]
+
+
+@dataclass
+class ImageBatch:
+    """One DataLoader batch: positions ``[start, end)``; ``pixels`` holds the readable ones, ``n_failed`` the rest
+    (``errors``: why, one line each)."""
+
+    start: int
+    end: int
+    pixels: torch.Tensor | None
+    n_failed: int
+    errors: list[str]
+
+
+def collate_positioned(items: list[tuple[int, torch.Tensor | None, str | None]]) -> ImageBatch:
+    ok = [t for _, t, _ in items if t is not None]
+    return ImageBatch(
+        start=items[0][0],
+        end=items[-1][0] + 1,
+        pixels=torch.stack(ok) if ok else None,
+        n_failed=len(items) - len(ok),
+        errors=[f"position {g}: {e}" for g, _, e in items if e is not None],
+    )
+
+
+class ConsecutiveBatches(torch.utils.data.Sampler):
+    """Batches of consecutive positions ``[start, start + b), ...`` up to ``end`` (or forever when ``end`` is None).
+
+    With ``boundary`` set, no batch crosses a multiple of ``boundary`` (segment and shard edges).
+    """
+
+    def __init__(self, start: int, batch_size: int, end: int | None = None, boundary: int | None = None):
+        self.start, self.batch_size, self.end, self.boundary = int(start), int(batch_size), end, boundary
+
+    def __iter__(self) -> Iterator[list[int]]:
+        position = self.start
+        while self.end is None or position < self.end:
+            stop = position + self.batch_size
+            if self.boundary:
+                stop = min(stop, (position // self.boundary + 1) * self.boundary)
+            if self.end is not None:
+                stop = min(stop, self.end)
+            yield list(range(position, stop))
+            position = stop
+
+    def __len__(self) -> int:
+        if self.end is None:
+            raise TypeError("an unbounded sampler has no length")
+        return sum(1 for _ in iter(self))
+
+
+def image_batches(
+    dataset: PositionedImages,
+    start: int,
+    batch_size: int,
+    end: int | None = None,
+    boundary: int | None = None,
+    num_workers: int = 0,
+) -> Iterator[ImageBatch]:
+    """Decoded, augmented, preprocessed batches of positions from ``start``; workers decode in parallel, in order."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=ConsecutiveBatches(start, batch_size, end, boundary),
+        num_workers=num_workers,
+        collate_fn=collate_positioned,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),  # keeps the loader off the global RNG
+    )
+    return iter(loader)

@@ -1,0 +1,220 @@
+"""Images -> the model's own preprocessing -> hooked capture -> token selection -> rows per hook.
+
+One forward pass (``run_with_cache`` with ``stop_at_layer`` = one past the deepest block hook) feeds every hook.
+Token selection keeps, per image, ``cls`` | ``registers`` | ``prefix`` | ``patches`` | ``all`` tokens of a token hook
+``[B, T, d]``; ``pooled`` / ``embed`` name the one-vector-per-image hooks ``hook_pooled`` / ``hook_image_embed``.
+Rows are ``[B * n_selected, d]``, image-major, identical in order for every hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sae_vision_ext.activations.images import PositionedImages, image_batches, open_images
+
+logger = logging.getLogger(__name__)
+
+# run_with_cache adds hooks to the model's shared HookPoints: two threads must not run one model at once.
+_FORWARD_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FORWARD_LOCKS_GUARD = threading.Lock()
+
+
+def forward_lock(model: Any) -> threading.Lock:
+    """The lock that serialises hooked forward passes of ``model`` across threads."""
+    with _FORWARD_LOCKS_GUARD:
+        lock = _FORWARD_LOCKS.get(model)
+        if lock is None:
+            lock = _FORWARD_LOCKS[model] = threading.Lock()
+        return lock
+
+TOKEN_SELECTIONS = ("cls", "registers", "prefix", "patches", "all")
+POOLED_SELECTIONS = {"pooled": "hook_pooled", "embed": "hook_image_embed"}
+ALL_SELECTIONS = TOKEN_SELECTIONS + tuple(POOLED_SELECTIONS)
+
+
+def resolve_hooks(hook_names: str | list[str] | tuple[str, ...] | None, token_selection: str) -> list[str]:
+    """Hook names as a list; ``pooled`` / ``embed`` fill in (or check) their hook."""
+    if token_selection not in ALL_SELECTIONS:
+        raise ValueError(f"token_selection must be one of {', '.join(ALL_SELECTIONS)}; got {token_selection!r}")
+    if hook_names is None or hook_names == [] or hook_names == "":
+        if token_selection in POOLED_SELECTIONS:
+            return [POOLED_SELECTIONS[token_selection]]
+        raise ValueError(f"a hook name is needed for token_selection={token_selection!r}")
+    names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"hook names repeat: {names}")
+    if token_selection in POOLED_SELECTIONS:
+        expected = POOLED_SELECTIONS[token_selection]
+        if names != [expected]:
+            raise ValueError(f"token_selection={token_selection!r} reads the hook {expected!r}, not {names}")
+    return names
+
+
+def stop_layer_for(hook_names: list[str]) -> int | None:
+    """``stop_at_layer`` that still computes every hook: one past the deepest block, None for a full pass."""
+    layers = []
+    for name in hook_names:
+        if name == "hook_embed":
+            layers.append(-1)
+            continue
+        match = re.match(r"blocks\.(\d+)\.", name)
+        if match is None:
+            return None
+        layers.append(int(match.group(1)))
+    return max(layers) + 1 if layers else None
+
+
+def is_token_hook(model: Any, hook_name: str) -> bool:
+    if hasattr(model, "is_token_hook"):
+        return bool(model.is_token_hook(hook_name))
+    return hook_name not in POOLED_SELECTIONS.values()
+
+
+def tokens_per_image(model: Any, hook_name: str, token_selection: str) -> int:
+    """Rows each image gives at ``hook_name`` under ``token_selection``."""
+    if not is_token_hook(model, hook_name):
+        return 1
+    if token_selection in POOLED_SELECTIONS:
+        raise ValueError(f"{hook_name!r} is a token hook; token_selection {token_selection!r} needs a pooled hook")
+    layout = model.token_layout
+    return len(range(layout.n_tokens)[layout.token_slice(token_selection)])
+
+
+def select_rows(model: Any, acts: torch.Tensor, hook_name: str, token_selection: str) -> torch.Tensor:
+    """``[B, T, d]`` (token hook) or ``[B, d]`` (pooled) -> rows ``[B * n, d]`` of the selected tokens."""
+    if acts.dim() == 2:
+        return acts
+    if token_selection in POOLED_SELECTIONS:
+        raise ValueError(f"{hook_name!r} gives tokens {list(acts.shape)}; token_selection {token_selection!r} "
+                         "needs hook_pooled or hook_image_embed")
+    selected = model.token_layout.select(acts, token_selection)
+    return selected.reshape(-1, selected.shape[-1])
+
+
+@dataclass
+class Chunk:
+    """Activation rows of the images at positions ``[start, end)`` (the readable ones, in order)."""
+
+    start: int
+    end: int
+    rows: dict[str, torch.Tensor]
+    n_images_ok: int
+    n_images_failed: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ImageActivationSource:
+    """Turns an image collection into per-hook activation rows with one forward pass per image batch.
+
+    ``images``: a collection (see :mod:`~sae_vision_ext.activations.images`); ``preprocess``: the model's own
+    transform (PIL -> ``[3, H, W]``). Image decoding, augmentation and preprocessing run in ``num_workers``
+    DataLoader processes; the forward pass in the calling thread (the stores move it to a background thread).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        preprocess: Any,
+        images: Any,
+        hook_names: str | list[str],
+        token_selection: str = "patches",
+        model_batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        augment: str = "none",
+        crop_scale: tuple[float, float] = (0.35, 1.0),
+        shuffle: bool = True,
+        dtype: torch.dtype = torch.float32,
+        autocast: bool = False,
+    ):
+        self.model = model
+        self.hook_names = resolve_hooks(hook_names, token_selection)
+        self.token_selection = token_selection
+        for name in self.hook_names:
+            model.hook_width(name)  # raises, listing valid names, for an unknown hook
+        self.hook_widths = {name: int(model.hook_width(name)) for name in self.hook_names}
+        counts = {name: tokens_per_image(model, name, token_selection) for name in self.hook_names}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"hooks give different numbers of rows per image under {token_selection!r}: {counts}")
+        self.tokens_per_image = next(iter(counts.values()))
+        self.stop_at_layer = stop_layer_for(self.hook_names)
+        self.model_batch_size = int(model_batch_size)
+        self.num_workers = int(num_workers)
+        self.dtype = dtype
+        self.autocast = autocast
+        self.dataset = PositionedImages(
+            open_images(images), preprocess, seed=seed, augment=augment, crop_scale=crop_scale, shuffle=shuffle
+        )
+        self.forward_seconds = 0.0
+        self.n_failed = 0
+        self.n_ok = 0
+        self.failures: list[str] = []
+
+    @property
+    def n_images(self) -> int:
+        """Images in one epoch of the collection."""
+        return len(self.dataset)
+
+    @torch.no_grad()  # not inference_mode: the rows become training inputs, which autograd may save
+    def activations(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows ``[B * n, d]`` per hook for a batch of preprocessed images (on the CPU, in ``self.dtype``)."""
+        import time
+
+        started = time.perf_counter()
+        model_device = next(self.model.parameters()).device
+        model_dtype = next(self.model.parameters()).dtype
+        pixels = pixels.to(model_device, model_dtype)
+        autocast = torch.autocast(device_type=model_device.type, dtype=torch.bfloat16, enabled=self.autocast)
+        with forward_lock(self.model), autocast:
+            _, cache = self.model.run_with_cache(
+                pixels, names_filter=list(self.hook_names), stop_at_layer=self.stop_at_layer
+            )
+        rows = {
+            name: select_rows(self.model, cache[name], name, self.token_selection).to("cpu", self.dtype)
+            for name in self.hook_names
+        }
+        self.forward_seconds += time.perf_counter() - started
+        return rows
+
+    def iter_chunks(self, start: int = 0, end: int | None = None, boundary: int | None = None) -> Iterator[Chunk]:
+        """Chunks for positions ``[start, end)`` (forever if ``end`` is None); none crosses a ``boundary`` multiple.
+
+        The DataLoader (and its worker processes) is created here, in the calling thread; iterate anywhere.
+        """
+        batches = image_batches(
+            self.dataset, start, self.model_batch_size, end=end, boundary=boundary, num_workers=self.num_workers
+        )
+        return self._chunks(batches)
+
+    def _chunks(self, batches: Iterator[Any]) -> Iterator[Chunk]:
+        for batch in batches:
+            self._record_failures(batch)
+            if batch.pixels is None:
+                rows = {name: torch.empty(0, width, dtype=self.dtype) for name, width in self.hook_widths.items()}
+                n_ok = 0
+            else:
+                rows = self.activations(batch.pixels)
+                n_ok = batch.pixels.shape[0]
+            yield Chunk(batch.start, batch.end, rows, n_ok, batch.n_failed)
+
+    def _record_failures(self, batch: Any) -> None:
+        """Count unreadable images; give up only when nothing at all can be read."""
+        n_ok = 0 if batch.pixels is None else batch.pixels.shape[0]
+        self.n_ok += n_ok
+        self.n_failed += batch.n_failed
+        for error in batch.errors:
+            if len(self.failures) < 20:
+                self.failures.append(error)
+                logger.warning("skipping an unreadable image (%s)", error)
+        if self.n_ok == 0 and self.n_failed >= max(32, 2 * self.model_batch_size):
+            raise RuntimeError(
+                f"none of the first {self.n_failed} images could be read; first error: {self.failures[0]}"
+            )

@@ -1,0 +1,552 @@
+"""Comparison report: train SAELens TopK / BatchTopK / ReLU, MSAE (uniform, reverse), A-SAE and RA-SAE on the same
+activation rows, then write tables (markdown + JSON) and plots (PNG) into one folder.
+
+Protocol
+  - Data: ``--data`` is synthetic hierarchical data (default), synthetic sparse data, or a file / cached-activation
+    folder (see ``sae_vision_ext.evals.data``). Rows are split into train / test (last ``test_fraction``).
+  - Preprocessing (default on): ``x' = (x - mu) * s`` with ``mu`` the training mean and ``s = sqrt(d) / E||x - mu||``
+    (the MSAE paper's target ``E||x'|| = sqrt(d)``). Every method sees the same ``x'``; the data are centred, as a
+    fair stability measurement needs.
+  - Every SAE is trained with SAELens's ``SAETrainer`` for the same number of rows, saved as a SAELens checkpoint
+    under ``<out>/saes/`` and evaluated after loading it back, on the test rows: reconstruction (FVU, per-sample
+    FVU, explained variance, cosine, L0, fraction of zeros, dead latents), CKNNA(original, reconstruction),
+    downstream preservation of a linear probe (KL, agreement), dictionary coherence, stable rank, cosine distance
+    of atoms from the data and, on synthetic data, identifiability against the true atoms.
+  - MSAE is evaluated at many inference k (TopK of its ReLU latents) and with ReLU only.
+  - Stability (mean Hungarian-matched |cosine| between the dictionaries of pairs of runs, averaged over pairs):
+    TopK with different init seeds; RA-SAE with different k-means seeds (fair); a TopK SAE initialised from the
+    same centroids as RA-SAE (the control); and, for reference, RA-SAE and TopK started from ONE shared set of
+    centroids (the original paper's protocol, which inflates stability).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae_vision_ext.evals.compare import MethodSpec, msae_k_levels
+
+MAIN_COLUMNS = [
+    ("method", "method"), ("k_inference", "k"), ("l0", "L0"), ("fraction_zero", "frac. zero"), ("fvu", "FVU"),
+    ("fvu_per_sample", "FVU/sample"), ("explained_variance", "EV"), ("cosine", "cos"), ("dead_fraction", "dead"),
+    ("cknna", "CKNNA"), ("downstream_kl", "probe KL"), ("downstream_agreement", "probe agr."),
+    ("coherence_mean_max", "coherence"), ("stable_rank", "stable rank"),
+    ("atom_data_cosine_distance", "atom-data dist."), ("identifiability", "identif."), ("train_seconds", "train s"),
+]  # fmt: skip
+
+
+@dataclass
+class ReportConfig:
+    """Sizes and settings of a report run; defaults are the full-size synthetic run, ``tiny()`` the test size."""
+
+    out: str = "sae_report"
+    data: str = "synthetic-hierarchical"
+    key: str | None = None
+    max_rows: int | None = 32768
+    synthetic_kwargs: dict = field(
+        default_factory=lambda: dict(d_in=64, n_coarse=32, n_fine=4, k_coarse=3, noise_std=0.01)
+    )
+    labels: str | None = None
+    test_fraction: float = 0.125
+    standardize: bool = True
+    d_sae: int = 256
+    topk_ks: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
+    k: int = 6  # k of BatchTopK, A-SAE, RA-SAE and the stability runs
+    msae_k_min: int = 3
+    inference_ks: list[int] = field(default_factory=lambda: [1, 2, 3, 6, 12, 24, 48, 96])
+    relu_l1: float = 0.5
+    n_train_rows: int = 262144
+    batch_size: int = 512
+    lr: float = 3e-3
+    n_candidates: int = 1024
+    delta: float = 1.0
+    stability_seeds: int = 3
+    families: list[str] = field(
+        default_factory=lambda: ["topk", "batchtopk", "relu", "msae_uw", "msae_rw", "a_sae", "ra_sae"]
+    )
+    stability: bool = True
+    n_probe_classes: int = 16
+    cknna_rows: int = 1000
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> ReportConfig:
+        values = dict(
+            max_rows=2048, synthetic_kwargs=dict(d_in=16, n_coarse=6, n_fine=2, k_coarse=2, noise_std=0.01),
+            d_sae=32, topk_ks=[2, 4, 8], k=4, msae_k_min=2, inference_ks=[1, 2, 4, 8, 16], n_train_rows=1536,
+            batch_size=128, n_candidates=96, stability_seeds=2, n_probe_classes=4, cknna_rows=200,
+        )  # fmt: skip
+        values.update(overrides)
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _standardize(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    mu = x_train.mean(dim=0)
+    scale = math.sqrt(x_train.shape[1]) / float((x_train - mu).norm(dim=1).mean())
+    return (x_train - mu) * scale, (x_test - mu) * scale, {"mean_norm": float(mu.norm()), "scale": scale}
+
+
+def _labels_for(rows: Any, x_train: Tensor, x_test: Tensor, cfg: ReportConfig) -> tuple[Tensor, str]:
+    """Class labels for the downstream probe: ground truth, a file, or k-means pseudo-classes."""
+    n_train = x_train.shape[0]
+    if rows.synthetic is not None:
+        codes = rows.synthetic.codes
+        if rows.synthetic.parents is not None:
+            codes = codes[:, rows.synthetic.parents < 0]
+        return codes.argmax(dim=1), "ground truth: the strongest coarse atom" if rows.synthetic.parents is not None \
+            else "ground truth: the strongest atom"  # fmt: skip
+    if cfg.labels is not None:
+        labels = torch.as_tensor(torch.load(cfg.labels, weights_only=True)).long().reshape(-1)
+        return labels[: n_train + x_test.shape[0]], f"labels from {Path(cfg.labels).resolve()}"
+    from sae_vision_ext.training.candidates import compute_candidates, rows_from_array
+
+    centroids = compute_candidates(rows_from_array(x_train), cfg.n_probe_classes, seed=cfg.seed).candidates
+    x_all = torch.cat([x_train, x_test])
+    return torch.cdist(x_all, centroids).argmin(dim=1), f"k-means pseudo-classes ({cfg.n_probe_classes})"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """Markdown table of ``rows`` with ``(key, header)`` columns; missing values print as ``-``."""
+    header = "| " + " | ".join(title for _, title in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_fmt(row.get(key)) for key, _ in columns) + " |" for row in rows]
+    return "\n".join([header, rule, *body])
+
+
+def plot_fvu_vs_l0(rows: list[dict[str, Any]], path: Path) -> Path:
+    """FVU against L0 (log-log): one line per family with several points, single markers otherwise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        label = row["family"] if row["family"] == "topk" else row["method"]
+        groups.setdefault(label, []).append(row)
+    for label, group in groups.items():
+        group = sorted(group, key=lambda r: r["l0"])
+        xs = [max(r["l0"], 1e-3) for r in group]
+        ys = [max(r["fvu"], 1e-6) for r in group]
+        ax.plot(xs, ys, marker="o", linestyle="-" if len(group) > 1 else "none", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("L0 (mean active latents per row)")
+    ax.set_ylabel("FVU (test rows)")
+    ax.set_title("Reconstruction against sparsity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_stability(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [r["protocol"] for r in rows]
+    ax.barh(range(len(rows)), [r["stability"] for r in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("stability (mean matched |cos| between runs)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- runner
+class _Runner:
+    """Trains each distinct spec once (cached by name) and computes candidates per k-means seed once."""
+
+    def __init__(self, cfg: ReportConfig, x_train: Tensor, out: Path):
+        self.cfg, self.x_train, self.out = cfg, x_train, out
+        self.trained: dict[str, Any] = {}
+        self.candidates: dict[int, Path] = {}
+
+    def candidates_for(self, kmeans_seed: int) -> Path:
+        from sae_vision_ext.evals.compare import make_candidates
+
+        if kmeans_seed not in self.candidates:
+            path = self.out / "candidates" / f"kmeans_seed{kmeans_seed}.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            n = max(self.cfg.n_candidates, self.cfg.d_sae + 1)
+            self.candidates[kmeans_seed] = make_candidates(self.x_train, n, kmeans_seed, path)
+        return self.candidates[kmeans_seed]
+
+    def train(self, spec: MethodSpec) -> Any:
+        from sae_vision_ext.evals.compare import CENTROID_FAMILIES, train_method
+
+        if spec.name not in self.trained:
+            candidates = self.candidates_for(spec.kmeans_seed) if spec.family in CENTROID_FAMILIES else None
+            print(f"[report] training {spec.name}", file=sys.stderr, flush=True)
+            self.trained[spec.name] = train_method(
+                spec, self.x_train, self.cfg.d_sae, self.out / "saes", self.cfg.n_train_rows,
+                self.cfg.batch_size, candidates_path=candidates,
+            )  # fmt: skip
+        return self.trained[spec.name]
+
+
+def _spec(cfg: ReportConfig, family: str, k: int | None, seed: int = 0, kmeans_seed: int = 0) -> MethodSpec:
+    name = family if k is None else f"{family}_k{k}"
+    if family in ("msae_uw", "msae_rw"):
+        name = family
+    if seed:
+        name += f"_seed{seed}"
+    if kmeans_seed:
+        name += f"_kmeans{kmeans_seed}"
+    spec = MethodSpec(name=name, family=family, k=k, lr=cfg.lr, seed=seed, kmeans_seed=kmeans_seed,
+                      l1_coefficient=cfg.relu_l1, delta=cfg.delta)  # fmt: skip
+    if family in ("msae_uw", "msae_rw"):
+        spec.k_levels = msae_k_levels(cfg.d_sae, cfg.msae_k_min)
+        spec.inference_ks = [k for k in cfg.inference_ks if k <= cfg.d_sae] + [None]
+    return spec
+
+
+def main_specs(cfg: ReportConfig) -> list[MethodSpec]:
+    specs = []
+    for family in cfg.families:
+        if family == "topk":
+            specs.extend(_spec(cfg, "topk", k) for k in cfg.topk_ks)
+        elif family == "relu":
+            specs.append(_spec(cfg, "relu", None))
+        elif family in ("msae_uw", "msae_rw"):
+            specs.append(_spec(cfg, family, None))
+        else:
+            specs.append(_spec(cfg, family, cfg.k))
+    return specs
+
+
+def stability_protocols(cfg: ReportConfig) -> list[tuple[str, list[MethodSpec]]]:
+    seeds = range(cfg.stability_seeds)
+    k = cfg.k
+    return [
+        ("TopK, random init, init seed varies", [_spec(cfg, "topk", k, seed=s) for s in seeds]),
+        ("RA-SAE, k-means seed varies (fair)", [_spec(cfg, "ra_sae", k, seed=s, kmeans_seed=s) for s in seeds]),
+        ("TopK from the same centroids as RA-SAE, k-means seed varies (control)",
+         [_spec(cfg, "topk_centroids", k, seed=s, kmeans_seed=s) for s in seeds]),
+        ("RA-SAE, one shared set of centroids (paper protocol)", [_spec(cfg, "ra_sae", k, seed=s) for s in seeds]),
+        ("TopK from one shared set of centroids (control)", [_spec(cfg, "topk_centroids", k, seed=s) for s in seeds]),
+    ]  # fmt: skip
+
+
+def _pairwise_stability(trained: list[Any]) -> tuple[float, list[float]]:
+    from sae_vision_ext.evals.compare import atoms_of
+    from sae_vision_ext.evals.stability import stability
+
+    values = [stability(atoms_of(a.sae), atoms_of(b.sae)) for a, b in itertools.combinations(trained, 2)]
+    return sum(values) / len(values), values
+
+
+def _identifiability_rows(results: list[dict[str, Any]], true_atoms: Tensor, cfg: ReportConfig) -> list[dict]:
+    """Identifiability of each trained SAE, with a perfect (permuted true) and a random dictionary as baselines."""
+    from sae_vision_ext.evals.synthetic import identifiability, random_unit_atoms
+
+    generator = torch.Generator().manual_seed(cfg.seed + 12345)
+    n_true = true_atoms.shape[0]
+    rows = [{"method": "true atoms, permuted (baseline)", "identifiability":
+             identifiability(true_atoms[torch.randperm(n_true, generator=generator)], true_atoms)}]  # fmt: skip
+    if cfg.d_sae >= n_true:
+        random_atoms = random_unit_atoms(cfg.d_sae, true_atoms.shape[1], generator)
+        rows.append({"method": f"random unit atoms, {cfg.d_sae} (baseline)",
+                     "identifiability": identifiability(random_atoms, true_atoms)})  # fmt: skip
+    seen = set()
+    for row in results:
+        if row["method"] not in seen and row["identifiability"] is not None:
+            seen.add(row["method"])
+            rows.append({"method": row["method"], "identifiability": row["identifiability"]})
+    return rows
+
+
+def run_report(cfg: ReportConfig, command: str | None = None) -> Path:
+    """Run the whole comparison and write ``results.md``, ``results.json`` and the PNG plots into ``cfg.out``."""
+    import sae_lens
+
+    import sae_vision_ext
+    from sae_vision_ext.evals.compare import evaluate_trained, spec_dict
+    from sae_vision_ext.evals.data import load_rows
+    from sae_vision_ext.evals.representation import fit_linear_probe
+
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    rows = load_rows(cfg.data, key=cfg.key, max_rows=cfg.max_rows, seed=cfg.seed,
+                     synthetic_kwargs=cfg.synthetic_kwargs if cfg.data.startswith("synthetic") else None)  # fmt: skip
+    x = rows.x.float()
+    n_test = max(cfg.cknna_rows // 2, int(cfg.test_fraction * x.shape[0]))
+    if x.shape[0] - n_test < cfg.batch_size:
+        raise ValueError(f"{x.shape[0]} rows are too few for a test split of {n_test} and batch {cfg.batch_size}")
+    x_train, x_test = x[:-n_test], x[-n_test:]
+    preprocessing = {"standardize": cfg.standardize}
+    if cfg.standardize:
+        x_train, x_test, stats = _standardize(x_train, x_test)
+        preprocessing.update(stats)
+    true_atoms = rows.synthetic.atoms if rows.synthetic is not None else None
+
+    labels, labels_description = _labels_for(rows, x_train, x_test, cfg)
+    labels_train, labels_test = labels[: x_train.shape[0]], labels[x_train.shape[0] :]
+    probe = fit_linear_probe(x_train[:20000], labels_train[:20000], seed=cfg.seed)
+
+    runner = _Runner(cfg, x_train, out)
+    results: list[dict[str, Any]] = []
+    for spec in main_specs(cfg):
+        trained = runner.train(spec)
+        results.extend(
+            evaluate_trained(trained, x_test, head=probe, labels=labels_test, true_atoms=true_atoms,
+                             cknna_rows=cfg.cknna_rows)
+        )  # fmt: skip
+
+    stability_rows: list[dict[str, Any]] = []
+    if cfg.stability and cfg.stability_seeds >= 2:
+        for protocol, specs in stability_protocols(cfg):
+            trained = [runner.train(spec) for spec in specs]
+            mean, values = _pairwise_stability(trained)
+            stability_rows.append({"protocol": protocol, "stability": mean, "pairs": values,
+                                   "runs": [t.spec.name for t in trained]})  # fmt: skip
+
+    # FVU at matched k: TopK trained at k vs MSAE evaluated at inference k (nested k should help)
+    matched = []
+    for k in cfg.topk_ks:
+        entry: dict[str, Any] = {"k": k}
+        for row in results:
+            if row["family"] == "topk" and row["k_train"] == k:
+                entry["topk"] = row["fvu"]
+            if row["family"].startswith("msae") and row["k_inference"] == k:
+                entry[row["family"]] = row["fvu"]
+        matched.append(entry)
+
+    identifiability_rows = _identifiability_rows(results, true_atoms, cfg) if true_atoms is not None else []
+
+    fvu_plot = plot_fvu_vs_l0(results, out / "fvu_vs_l0.png")
+    stability_plot = plot_stability(stability_rows, out / "stability.png") if stability_rows else None
+    elapsed = time.perf_counter() - started
+    weights = [
+        {"name": t.spec.name, "folder": str(t.folder), "architecture": t.sae.cfg.architecture(),
+         "candidates": str(t.candidates_path) if t.candidates_path else None, "spec": spec_dict(t.spec)}
+        for t in runner.trained.values()
+    ]  # fmt: skip
+    payload = {
+        "command": command,
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "versions": {"sae_vision_ext": sae_vision_ext.__version__, "sae_lens": sae_lens.__version__,
+                     "torch": torch.__version__},  # fmt: skip
+        "config": asdict(cfg),
+        "data": {"source": cfg.data, "description": rows.description, "n_train": x_train.shape[0],
+                 "n_test": x_test.shape[0], "d_in": x.shape[1], "preprocessing": preprocessing,
+                 "probe_labels": labels_description},  # fmt: skip
+        "weights": weights,
+        "results": results,
+        "fvu_at_matched_k": matched,
+        "stability": stability_rows,
+        "identifiability": identifiability_rows,
+        "seconds": elapsed,
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+    (out / "results.md").write_text(_markdown(payload, fvu_plot, stability_plot))
+    return out / "results.md"
+
+
+def _markdown(payload: dict[str, Any], fvu_plot: Path, stability_plot: Path | None) -> str:
+    data, cfg = payload["data"], payload["config"]
+    pre = data["preprocessing"]
+    lines = [
+        "# SAE comparison report",
+        "",
+        f"Generated {payload['date']} in {payload['seconds']:.0f} s with sae-vision-ext "
+        f"{payload['versions']['sae_vision_ext']}, SAELens {payload['versions']['sae_lens']}, "
+        f"torch {payload['versions']['torch']}.",
+    ]
+    if payload["command"]:
+        lines += ["", f"Command: `{payload['command']}`"]
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"- Source: {data['description']}",
+        f"- Rows: {data['n_train']} for training, {data['n_test']} held out for every metric below; d_in = {data['d_in']}.",
+        "- Preprocessing: " + (
+            f"centred on the training mean (norm {pre['mean_norm']:.4g}) and scaled by {pre['scale']:.4g} so that "
+            f"E||x|| = sqrt(d)." if pre["standardize"] else "none (raw rows; the data are NOT centred)."
+        ),
+        f"- Downstream probe: a linear probe trained on the original training rows; labels = {data['probe_labels']}.",
+        "",
+        "## Weights",
+        "",
+        f"Every SAE below was trained here (SAELens `SAETrainer`, {cfg['n_train_rows']} rows, batch "
+        f"{cfg['batch_size']}, lr {cfg['lr']} constant then linear decay over the last 20%, d_sae = {cfg['d_sae']}) "
+        "and saved as a SAELens checkpoint; the metrics come from the checkpoint loaded back.",
+        "",
+        markdown_table(
+            [{"name": w["name"], "architecture": w["architecture"], "k": w["spec"]["k"], "seed": w["spec"]["seed"],
+              "kmeans": w["spec"]["kmeans_seed"] if w["candidates"] else None, "folder": w["folder"],
+              "levels": w["spec"]["k_levels"]} for w in payload["weights"]],
+            [("name", "run"), ("architecture", "architecture"), ("k", "k"), ("levels", "MSAE k levels"),
+             ("seed", "init seed"), ("kmeans", "k-means seed"), ("folder", "checkpoint")],
+        ),
+        "",
+        "## Reconstruction, sparsity and preservation (test rows)",
+        "",
+        "FVU = sum||x - x_hat||^2 / sum||x - mean||^2; FVU/sample = mean over rows of mean_d (x_hat - x)^2 / "
+        "mean_d (x - mean_d x)^2 (each row centred on its own mean); EV = 1 - FVU; L0 = mean active latents; "
+        "dead = fraction of latents firing on fewer than 10^-5.5 of the test rows; CKNNA (top-10 mutual neighbours) "
+        "between original and reconstructed rows; probe KL (nats) and agreement of the linear probe on the "
+        "reconstruction vs the original; coherence = mean over atoms of the largest |cos| with another atom; "
+        "atom-data dist. = mean over atoms of 1 - max cos with a test row. MSAE rows at k = relu use ReLU latents only.",
+        "",
+        markdown_table(payload["results"], MAIN_COLUMNS),
+        "",
+        f"![FVU against L0]({fvu_plot.name})",
+        "",
+        "## FVU at matched k",
+        "",
+        "TopK trained at each k against ONE Matryoshka SAE evaluated at that inference k.",
+        "",
+        markdown_table(payload["fvu_at_matched_k"], [("k", "k"), ("topk", "TopK (trained at k)"),
+                                                     ("msae_uw", "MSAE UW"), ("msae_rw", "MSAE RW")]),
+    ]  # fmt: skip
+    if payload["identifiability"]:
+        lines += [
+            "",
+            "## Identifiability (synthetic data, known atoms)",
+            "",
+            "Mean cosine between each true atom and its Hungarian-matched decoder atom (signs count: codes are "
+            "non-negative). The SAE's atoms are compared after the preprocessing, which only shifts and scales rows, "
+            "so the true directions are unchanged.",
+            "",
+            markdown_table(payload["identifiability"], [("method", "dictionary"), ("identifiability", "identif.")]),
+        ]
+    if payload["stability"]:
+        lines += [
+            "",
+            "## Stability across runs",
+            "",
+            f"Mean over pairs of runs of the mean Hungarian-matched |cosine| between decoder atoms, k = {cfg['k']}, "
+            f"{cfg['stability_seeds']} runs each, on the same (centred) training rows. Only the first two protocols "
+            "and the control are a fair comparison; the shared-centroid rows repeat the original paper's protocol.",
+            "",
+            markdown_table(payload["stability"], [("protocol", "protocol"), ("stability", "stability"),
+                                                  ("runs", "runs")]),
+            "",
+            f"![stability]({stability_plot.name})" if stability_plot else "",
+        ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+_EPILOG = """examples:
+  sae-vision report --out report_tiny --tiny
+  sae-vision report --out report --data synthetic-hierarchical
+  sae-vision report --out report_clip --data cache/hook_image_embed --key hook_image_embed --d-sae 4096 \\
+      --topk-ks 16 32 64 --k 32 --msae-k-min 16 --n-candidates 16384
+"""
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.replace(",", " ").split()]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``sae-vision report``."""
+    parser = subparsers.add_parser(
+        "report",
+        help="train TopK/BatchTopK/ReLU/MSAE/A-SAE/RA-SAE on the same rows and write a comparison report",
+        description=__doc__,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_report_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (results.md, results.json, PNGs, saes/)")
+    parser.add_argument("--data", default=None,
+                        help="synthetic-hierarchical (default), synthetic-sparse, or a .pt/.npy/.safetensors file "
+                             "or cached-activation folder")  # fmt: skip
+    parser.add_argument("--key", default=None, help="tensor key or dataset column (hook name) inside --data")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (seconds; what the tests run)")
+    parser.add_argument("--max-rows", type=int, default=None)
+    parser.add_argument("--d-sae", type=int, default=None)
+    parser.add_argument("--topk-ks", type=_ints, default=None, help='k values of the TopK SAEs, e.g. "8 16 32"')
+    parser.add_argument("--k", type=int, default=None, help="k of BatchTopK, A-SAE, RA-SAE and stability runs")
+    parser.add_argument("--msae-k-min", type=int, default=None, help="first MSAE level (then doubled to d_sae)")
+    parser.add_argument("--inference-ks", type=_ints, default=None, help="inference k values for MSAE")
+    parser.add_argument("--n-train-rows", type=int, default=None, help="rows seen by each SAE in training")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--relu-l1", type=float, default=None, help="L1 coefficient of the ReLU SAE")
+    parser.add_argument("--n-candidates", type=int, default=None, help="k-means candidates for A-SAE / RA-SAE")
+    parser.add_argument("--delta", type=float, default=None, help="RA-SAE relaxation bound")
+    parser.add_argument("--stability-seeds", type=int, default=None, help="runs per stability protocol (0 = skip)")
+    parser.add_argument("--families", nargs="+", default=None, help="subset of the SAE families to train")
+    parser.add_argument("--labels", default=None, help=".pt tensor of class labels for the downstream probe")
+    parser.add_argument("--no-standardize", action="store_true", help="train on raw rows (not centred)")
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def config_from_args(args: argparse.Namespace, base: ReportConfig | None = None) -> ReportConfig:
+    overrides = {
+        name: getattr(args, name)
+        for name in ("out", "data", "key", "max_rows", "d_sae", "topk_ks", "k", "msae_k_min", "inference_ks",
+                     "n_train_rows", "batch_size", "lr", "relu_l1", "n_candidates", "delta", "stability_seeds",
+                     "families", "labels", "seed")
+        if getattr(args, name, None) is not None
+    }  # fmt: skip
+    if getattr(args, "no_standardize", False):
+        overrides["standardize"] = False
+    if "stability_seeds" in overrides and overrides["stability_seeds"] < 2:
+        overrides["stability"] = False
+    if base is not None:
+        return ReportConfig(**{**asdict(base), **overrides})
+    return ReportConfig.tiny(**overrides) if args.tiny else ReportConfig(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    path = run_report(cfg, command="sae-vision " + " ".join(sys.argv[1:]) if sys.argv else None)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sae-vision")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_parser(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""Convert a foreign SAE checkpoint once into a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``).
+
+Sources: a local ``.pth`` file, a Hub file ``hf://org/repo/path/in/repo.pth``, or a named release with
+``--sae-id``. Formats: the MSAE authors' layout (``msae``) and the overcomplete toolbox (``overcomplete``);
+``auto`` tells them apart from the file's contents. Every file is read with the restricted unpickler.
+The result loads with ``SAE.load_from_disk(out_dir)`` after ``import sae_vision_ext``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMATS = ("auto", "msae", "overcomplete")
+
+
+def build_sae(cfg_dict: dict[str, Any], state_dict: dict[str, torch.Tensor]):
+    """Instantiate the registered architecture ``cfg_dict["architecture"]`` and load ``state_dict`` strictly."""
+    from sae_lens.registry import get_sae_class
+
+    sae_cls, cfg_cls = get_sae_class(cfg_dict["architecture"])
+    sae = sae_cls(cfg_cls.from_dict(cfg_dict))
+    sae.load_state_dict(state_dict, strict=True)
+    return sae
+
+
+def _detect_format(path: Path) -> str:
+    from sae_vision_ext.loading.overcomplete import MODULE_CLASSES
+    from sae_vision_ext.loading.safe_load import NUMPY_SCALAR_GLOBALS, module_graph_globals, safe_torch_load
+
+    obj = safe_torch_load(path, NUMPY_SCALAR_GLOBALS + module_graph_globals(MODULE_CLASSES), mmap=True)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "encoder" in obj["model"]:
+        return "msae"
+    return "overcomplete"
+
+
+def convert_file(
+    path: str | os.PathLike, format: str = "auto", metadata: dict[str, Any] | None = None, **options: Any
+):
+    """The SAE (plugin class) equal to the checkpoint at ``path``; ``options`` go to the format's converter.
+
+    msae: ``k`` (inference TopK, default ReLU). overcomplete: ``sparsity``, ``k``, ``threshold``, ``delta``,
+    ``dictionary_normalization``.
+    """
+    path = Path(path)
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if format == "auto":
+        format = _detect_format(path)
+    metadata = {"source": str(path), **(metadata or {})}
+    if format == "msae":
+        from sae_vision_ext.loading.msae import msae_to_sae_components, read_msae_checkpoint
+
+        cfg, state = msae_to_sae_components(read_msae_checkpoint(path), metadata, k=options.get("k"))
+        return build_sae(cfg, state)
+    from sae_vision_ext.loading.overcomplete import (
+        overcomplete_cfg_dict,
+        overcomplete_to_sae_components,
+        read_overcomplete_checkpoint,
+        register_overcomplete_architecture,
+    )
+
+    register_overcomplete_architecture()
+    ckpt = read_overcomplete_checkpoint(path)
+    fields, state = overcomplete_to_sae_components(
+        ckpt, **{k: v for k, v in options.items() if v is not None}
+    )
+    return build_sae(overcomplete_cfg_dict(fields, {"source_class": ckpt.sae_class, **metadata}), state)
+
+
+def convert_checkpoint(
+    source: str,
+    out_dir: str | os.PathLike,
+    sae_id: str | None = None,
+    format: str = "auto",
+    metadata: dict[str, Any] | None = None,
+    **options: Any,
+) -> Path:
+    """Convert ``source`` (file, ``hf://org/repo/path``, or release name with ``sae_id``) into ``out_dir``."""
+    metadata = {k: v for k, v in (metadata or {}).items() if v is not None}
+    source = str(source)
+    if Path(source).is_file():
+        sae = convert_file(source, format, metadata, **options)
+    elif source.startswith("hf://"):
+        from sae_lens.saes.sae import SAEConfig
+
+        from sae_vision_ext.loading.hf_files import fetch_checkpoint
+
+        parts = source.removeprefix("hf://").split("/", 2)
+        if len(parts) != 3:
+            raise ValueError(f"expected hf://org/repo/path/in/repo, got {source!r}")
+        src = fetch_checkpoint("/".join(parts[:2]), parts[2], "cpu", False, None, SAEConfig)
+        sae = convert_file(src.local_path, format, {**src.metadata, **metadata}, **options)
+    elif Path(source).suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        raise FileNotFoundError(f"checkpoint not found: {source}")
+    else:
+        from sae_vision_ext.loading.pretrained import load_pretrained
+
+        if sae_id is None:
+            raise ValueError(f"{source!r} is not a file; to convert a named release pass --sae-id")
+        sae = load_pretrained(
+            source, sae_id, **{k: v for k, v in options.items() if k == "k" and v is not None}
+        )
+        for key, value in metadata.items():
+            sae.cfg.metadata[key] = value
+    out = Path(out_dir)
+    sae.save_model(out)
+    return out
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``sae-vision convert`` on an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a foreign SAE checkpoint (MSAE authors', overcomplete) into a SAELens folder",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  sae-vision convert msae-clip-vit-l-14 out/msae-l14 --sae-id centered\n"
+            "  sae-vision convert hf://WolodjaZ/MSAE/ViT-L_14/centered/6144_768_TopKReLU_64_RW_False_False_0.0"
+            "_cc3m_ViT-L~14_train_image_2905936_768.pth out/msae-l14\n"
+            "  sae-vision convert ra_sae.pth out/ra-sae --format overcomplete --sparsity topk --k 32 \\\n"
+            "      --model-name timm:vit_base_patch14_reg4_dinov2.lvd142m --hook-name blocks.11.hook_resid_post\n"
+            "then: import sae_vision_ext; from sae_lens import SAE; SAE.load_from_disk('out/msae-l14')"
+        ),
+    )
+    parser.add_argument("source", help="a .pth file, hf://org/repo/path/in/repo.pth, or a release name")
+    parser.add_argument("out_dir", help="output folder (cfg.json + sae_weights.safetensors)")
+    parser.add_argument("--sae-id", help="SAE id within the release (when SOURCE is a release name)")
+    parser.add_argument("--format", choices=FORMATS, default="auto", help="checkpoint layout (default: auto)")
+    parser.add_argument("--model-name", help="vision model spec to record, e.g. open_clip:ViT-L-14/openai")
+    parser.add_argument("--hook-name", help="hook the SAE reads, e.g. hook_image_embed")
+    parser.add_argument(
+        "--k", type=int, help="msae: default inference TopK (ReLU if unset); overcomplete: TopK k"
+    )
+    parser.add_argument(
+        "--sparsity", choices=("relu", "topk", "threshold"), help="overcomplete: sparsity rule"
+    )
+    parser.add_argument("--threshold", type=float, help="overcomplete BatchTopK: eval threshold")
+    parser.add_argument(
+        "--delta", type=float, help="overcomplete RA-SAE: relaxation radius (default: from file or 1)"
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    options = {"k": args.k}
+    if args.format != "msae":
+        options.update(sparsity=args.sparsity, threshold=args.threshold, delta=args.delta)
+    out = convert_checkpoint(
+        args.source,
+        args.out_dir,
+        sae_id=args.sae_id,
+        format=args.format,
+        metadata={"model_name": args.model_name, "hook_name": args.hook_name},
+        **options,
+    )
+    print(f"wrote {out / 'cfg.json'} and {out / 'sae_weights.safetensors'}")
+    return 0

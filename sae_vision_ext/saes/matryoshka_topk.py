@@ -1,0 +1,839 @@
+"""Matryoshka SAE with nested TopK levels (MSAE; Zaigrajew, Baniecki & Biecek, ICML 2025, arXiv 2502.20578).
+
+One encoder, one dictionary. Several TopK operators with increasing k act on the SAME latents, so the supports
+are nested (top-k_1 of z within top-k_2 of z within ...):
+
+    x_s   = (x - mu) * s                       optional input standardisation (mu, s kept as buffers)
+    pre   = (x_s - b_dec) @ W_enc + b_enc
+    z     = relu(pre)                          the inference latents (ReLU, the paper's default)
+    z_i   = z restricted to its k_i largest entries
+    x_i   = z_i @ D + b_dec                    D: decoder rows, unit norm during training
+    loss  = sum_i a_i L(x_i, x_s) / sum_i a_i  L: "mse" (sum over d, mean over batch) or "nmse"
+
+with a_i = 1 ("uniform", UW) or a_i = h - i + 1 ("reverse", RW: the sparsest level weighs most) or explicit
+weights. A level with k = d_sae is the plain ReLU level. No L1 term, no auxiliary loss, no resampling.
+
+This is not SAELens's ``matryoshka_batchtopk`` (Bussmann et al.: nested dictionary prefixes); the architecture
+name here is ``matryoshka_topk``.
+
+Training forward (``nested_topk_reconstructions``): one encoder pass and one ``topk`` serve every level.
+Because the supports are nested, level i is level i-1 plus the latents of ranks k_{i-1}..k_i ("band"), so the
+bands are decoded once each instead of h dense decodes. Small bands use a gather decode (``embedding_bag``),
+large bands a masked dense matmul, and every level with k at least the largest number of positive latents in
+the batch is identical to the ReLU level and reuses its single dense decode.
+
+Decoder norm: with ``normalize_decoder`` the training SAE decodes with D = W_dec / ||W_dec|| (row-wise) and
+renormalises W_dec in place at the start of every training step. SAELens's ``SAETrainer`` has no hook around
+the optimiser step, so this parametrisation is the extension point: at ||w|| = 1 the gradient of w / ||w|| is
+(I - w w^T) g, i.e. the authors' "remove the gradient component parallel to each decoder row", and the in-place
+renormalisation after each step changes nothing in the function. Saved weights hold the unit-norm rows.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from sae_lens.saes.sae import (
+    SAE,
+    SAEConfig,
+    TrainCoefficientConfig,
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
+from torch import nn
+
+ARCHITECTURE_NAME = "matryoshka_topk"
+
+# Cost model of the nested decode (forward + backward), in units of one dense-matmul row of the decoder:
+# decoding one gathered latent costs GATHER_COST rows (embedding_bag is memory-bound), a masked dense level
+# DENSE_LEVEL_COST * d_sae rows (the matmuls plus building the mask). Measured with benchmarks/msae_step.py.
+GATHER_COST = 16.0
+DENSE_LEVEL_COST = 1.3
+# gathers run over column tiles of the decoder this wide, so the rows they touch stay in the L2 cache (0: no tiles)
+DECODE_TILE_WIDTH = 64
+
+StandardizeScale = Literal["paper", "authors_code"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def default_k_levels(d_sae: int, k_start: int = 64) -> list[int]:
+    """The authors' ladder: k_start, doubling while below d_sae, then d_sae itself (the ReLU level).
+
+    >>> default_k_levels(6144)
+    [64, 128, 256, 512, 1024, 2048, 4096, 6144]
+    """
+    levels = []
+    k = k_start
+    while k < d_sae:
+        levels.append(k)
+        k *= 2
+    levels.append(d_sae)
+    return levels
+
+
+def validate_k_levels(k_levels: Sequence[int], d_sae: int) -> list[int]:
+    """Check that k_levels is a non-empty, strictly increasing list of integers in [1, d_sae]."""
+    levels = list(k_levels)
+    if len(levels) == 0:
+        raise ValueError("k_levels must not be empty: give at least one k, e.g. k_levels=[64, d_sae]")
+    for k in levels:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError(f"k_levels must hold integers, got {k!r} in {levels}")
+        if k < 1:
+            raise ValueError(f"k_levels must be positive, got {k} in {levels}")
+        if k > d_sae:
+            raise ValueError(f"k_levels entry {k} is larger than d_sae={d_sae} (k_levels={levels})")
+    for k_prev, k_next in zip(levels[:-1], levels[1:]):
+        if k_next <= k_prev:
+            raise ValueError(f"k_levels must be strictly increasing, got {levels}")
+    return levels
+
+
+def parse_level_weighting(level_weighting: str | Sequence[float]) -> str | list[float]:
+    """Normalise ``level_weighting``: "uniform", "reverse", or explicit weights (a list, or "1,2,3" / "[1,2,3]")."""
+    if isinstance(level_weighting, str):
+        text = level_weighting.strip()
+        if text.lower() in ("uniform", "uw"):
+            return "uniform"
+        if text.lower() in ("reverse", "rw"):
+            return "reverse"
+        numbers = text.strip("[]()").replace(",", " ").split()
+        try:
+            return [float(v) for v in numbers] if numbers else _bad_weighting(level_weighting)
+        except ValueError:
+            _bad_weighting(level_weighting)
+    return [float(v) for v in level_weighting]
+
+
+def _bad_weighting(level_weighting: Any):
+    raise ValueError(
+        f"level_weighting must be 'uniform', 'reverse' or a list of non-negative weights, got {level_weighting!r}"
+    )
+
+
+def level_weights(level_weighting: str | Sequence[float], n_levels: int) -> list[float]:
+    """Weights a_i normalised to sum to 1: uniform a_i = 1, reverse a_i = h - i + 1 (i = 1..h), or explicit."""
+    parsed = parse_level_weighting(level_weighting)
+    if parsed == "uniform":
+        raw = [1.0] * n_levels
+    elif parsed == "reverse":
+        raw = [float(n_levels - i) for i in range(n_levels)]
+    else:
+        raw = list(parsed)
+        if len(raw) != n_levels:
+            raise ValueError(f"level_weighting has {len(raw)} weights but there are {n_levels} k_levels")
+        if any((not math.isfinite(w)) or w < 0 for w in raw):
+            raise ValueError(f"level_weighting weights must be finite and non-negative, got {raw}")
+        if sum(raw) <= 0:
+            raise ValueError(f"level_weighting weights must not all be zero, got {raw}")
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def _validate_common(cfg: Any) -> None:
+    if cfg.d_in < 1 or cfg.d_sae < 1:
+        raise ValueError(f"d_in and d_sae must be positive, got d_in={cfg.d_in}, d_sae={cfg.d_sae}")
+    if cfg.k_levels is None:
+        cfg.k_levels = default_k_levels(cfg.d_sae)
+    cfg.k_levels = validate_k_levels(cfg.k_levels, cfg.d_sae)
+    if cfg.inference_k is not None and not (1 <= cfg.inference_k <= cfg.d_sae):
+        raise ValueError(
+            f"inference_k must be None (ReLU) or in [1, d_sae={cfg.d_sae}], got {cfg.inference_k}"
+        )
+
+
+@dataclass
+class MatryoshkaTopKSAEConfig(SAEConfig):
+    """Inference config of the nested-TopK Matryoshka SAE.
+
+    Args:
+        k_levels: the training levels (default: the authors' ladder 64, 128, ... < d_sae, then d_sae). Kept so
+            ``reconstructions()`` knows the trained ks; inference may use any k.
+        inference_k: None -> ``encode`` returns the ReLU latents (the paper's default); an int -> TopK of the
+            ReLU latents. ``encode(x, k=...)`` overrides it per call.
+        standardize_input: the SAE holds buffers ``input_mean`` [d_in] and ``input_scale`` [] and encodes
+            (x - input_mean) * input_scale; ``decode`` maps back, so callers pass and get raw activations.
+    """
+
+    k_levels: list[int] | None = None
+    inference_k: int | None = None
+    standardize_input: bool = False
+
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE_NAME
+
+    def __post_init__(self):
+        super().__post_init__()
+        _validate_common(self)
+
+
+@dataclass
+class MatryoshkaTopKTrainingSAEConfig(TrainingSAEConfig):
+    """Training config of the nested-TopK Matryoshka SAE.
+
+    Args:
+        k_levels: nested TopK levels, strictly increasing, each in [1, d_sae]; k = d_sae is the ReLU level.
+            Default: the authors' ladder (64 doubling below d_sae, then d_sae).
+        level_weighting: "uniform" (UW), "reverse" (RW: a_i = h - i + 1) or explicit non-negative weights.
+        reconstruction_loss: "mse" (the paper's equation: squared error summed over d, mean over the batch) or
+            "nmse" (the authors' code: per sample sum_d (x_hat - x)^2 / sum_d (x - batch mean)^2, batch mean).
+        normalize_decoder: decode with unit-norm decoder rows and drop the radial gradient component.
+        inference_k, standardize_input: see ``MatryoshkaTopKSAEConfig``.
+        standardize_scale: how the input scale is estimated: "paper" s = sqrt(d) / E||x - mu|| (so the mean
+            norm becomes sqrt(d)), or "authors_code" s = sqrt(d) / E||x - mu||^2.
+        decoder_init_norm: tied initialisation W_enc = W_dec^T with rows of this norm (0.1).
+    """
+
+    k_levels: list[int] | None = None
+    level_weighting: str | list[float] = "uniform"
+    reconstruction_loss: Literal["mse", "nmse"] = "mse"
+    normalize_decoder: bool = True
+    inference_k: int | None = None
+    standardize_input: bool = False
+    standardize_scale: Literal["paper", "authors_code"] = "paper"
+
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE_NAME
+
+    def __post_init__(self):
+        _validate_common(self)
+        self.level_weighting = parse_level_weighting(self.level_weighting)
+        level_weights(self.level_weighting, len(self.k_levels))  # validates explicit weights
+        if self.reconstruction_loss not in ("mse", "nmse"):
+            raise ValueError(f"reconstruction_loss must be 'mse' or 'nmse', got {self.reconstruction_loss!r}")
+        if self.standardize_scale not in ("paper", "authors_code"):
+            raise ValueError(
+                f"standardize_scale must be 'paper' or 'authors_code', got {self.standardize_scale!r}"
+            )
+        if self.normalize_decoder and self.normalize_activations == "covariance_whitening":
+            raise ValueError(
+                "normalize_activations='covariance_whitening' cannot be folded into a unit-norm decoder; "
+                "use normalize_decoder=False or another normalisation"
+            )
+        super().__post_init__()
+
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return MatryoshkaTopKSAEConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the nested decode
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def nested_topk_reconstructions(
+    acts: torch.Tensor,
+    decoder: torch.Tensor,
+    k_levels: Sequence[int],
+    scores: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """``[topk_k(acts) @ decoder for k in k_levels]`` (no bias), exactly, sharing work between the levels.
+
+    acts: [B, n] non-negative latents; decoder: [n, d]; k_levels strictly increasing. The top-k sets are those
+    of ``scores`` (default: acts), taken from one chain of ``topk`` calls, so they are nested. Differentiable in
+    acts and decoder (plain autograd ops).
+
+    Let p_s be the number of positive latents of row s. Every level with k >= max_s p_s equals the full decode
+    ``acts @ decoder`` (one dense matmul shared by all of them, the ReLU level included). Each other level i is
+    built by the cheapest of (chosen per batch by ``plan_nested_decode``):
+
+    - "head":  x_i = x_{i-1} + band_i, band_i = latents of ranks k_{i-1}..k_i, decoded by gathering their
+      decoder rows (``gather_decode``);
+    - "tail":  x_i = x_{i+1} - (positive latents of ranks k_i..k_{i+1}) decoded the same way;
+    - "dense": x_i = (acts masked to its top-k_i) @ decoder.
+    All gathered bands of a batch go through a single ``gather_decode`` call.
+    """
+    levels = list(k_levels)
+    n = acts.shape[-1]
+    if acts.shape[0] == 0:
+        return [acts.new_zeros(0, decoder.shape[-1]) for _ in levels]
+    with torch.no_grad():
+        positive = acts > 0
+        counts = positive.sum(-1)
+        max_active = int(counts.max())
+    partial = [k for k in levels if k < max_active]
+    outputs: dict[int, torch.Tensor] = {}
+    full_needed = len(partial) < len(levels)
+    if full_needed:
+        full = acts @ decoder
+        for k in levels[len(partial) :]:
+            outputs[k] = full
+    if not partial:
+        return [outputs[k] for k in levels]
+
+    plan = plan_nested_decode(partial, counts, n, full_available=full_needed)
+    with torch.no_grad():
+        sets, sorted_indices = _nested_topk_sets(acts if scores is None else scores, partial, plan)
+
+    def mask_of(k: int) -> torch.Tensor:
+        return torch.zeros_like(positive).scatter_(-1, sets[k], True)
+
+    # every gathered band (head bands and tails) goes through one gather_decode call
+    bounds = [0] + partial
+    head = [i for i, method in enumerate(plan) if method == "head"]
+    tail = [i for i, method in enumerate(plan) if method == "tail"]
+    rows, cols, sizes = [], [], []
+    B = acts.shape[0]
+    if head:
+        head_cols = torch.cat([sorted_indices[:, bounds[i] : bounds[i + 1]] for i in head], dim=-1)
+        cols.append(head_cols.reshape(-1))
+        rows.append(torch.arange(B, device=acts.device).repeat_interleave(head_cols.shape[1]))
+        widths = torch.tensor([bounds[i + 1] - bounds[i] for i in head], device=acts.device)
+        sizes.append(widths.repeat(B))
+    with torch.no_grad():
+        for i in tail:  # positive latents ranked between k_i and the next level (or all positives)
+            in_upper = mask_of(partial[i + 1]) & positive if i + 1 < len(partial) else positive
+            tail_mask = in_upper & ~mask_of(partial[i])
+            tail_rows, tail_cols = tail_mask.nonzero(as_tuple=True)
+            rows.append(tail_rows)
+            cols.append(tail_cols)
+            sizes.append(tail_mask.sum(-1))
+    gathered: list[torch.Tensor] = []
+    if rows:
+        flat_rows, flat_cols, bag_sizes = torch.cat(rows), torch.cat(cols), torch.cat(sizes)
+        offsets = torch.cat([bag_sizes.new_zeros(1), bag_sizes.cumsum(0)[:-1]])
+        out = gather_decode(acts[flat_rows, flat_cols], decoder, flat_cols, offsets)
+        if head:
+            gathered = list(out[: B * len(head)].view(B, len(head), -1).unbind(1))
+        if tail:
+            gathered += list(out[B * len(head) :].view(len(tail), B, -1).unbind(0))
+    decoded_band = dict(zip(head + tail, gathered))
+
+    for i, k in enumerate(partial):  # bottom-up: head and dense levels
+        if plan[i] == "head":
+            outputs[k] = decoded_band[i] if i == 0 else outputs[partial[i - 1]] + decoded_band[i]
+        elif plan[i] == "dense":
+            outputs[k] = (acts * mask_of(k)) @ decoder
+    for i in reversed(tail):  # top-down: tail levels
+        upper = outputs[partial[i + 1]] if i + 1 < len(partial) else full
+        outputs[partial[i]] = upper - decoded_band[i]
+    return [outputs[k] for k in levels]
+
+
+def plan_nested_decode(
+    partial: Sequence[int], counts: torch.Tensor, n: int, full_available: bool
+) -> list[str]:
+    """Choose "head" / "tail" / "dense" per level to minimise the estimated cost (see module constants).
+
+    Costs in dense-matmul rows per batch row: head = GATHER_COST * band width, tail = GATHER_COST * mean number
+    of positive latents between the level and the next one, dense = DENSE_LEVEL_COST * n. A tail level needs the
+    level above it and a head level the one below, so a "tail" level directly below a "head" one is not allowed.
+    """
+    m = len(partial)
+    counts_f = counts.double()
+    cost: list[dict[str, float]] = []
+    for i, k in enumerate(partial):
+        options = {"dense": DENSE_LEVEL_COST * n, "head": GATHER_COST * (k - (partial[i - 1] if i else 0))}
+        if i + 1 < m or full_available:
+            upper = partial[i + 1] if i + 1 < m else n
+            options["tail"] = GATHER_COST * float((counts_f - k).clamp(0, upper - k).mean())
+        cost.append(options)
+    # dynamic programme over the method of the previous level
+    best: dict[str, tuple[float, list[str]]] = {m_: (c, [m_]) for m_, c in cost[0].items()}
+    for i in range(1, m):
+        new: dict[str, tuple[float, list[str]]] = {}
+        for method, c in cost[i].items():
+            candidates = [
+                (prev_cost + c, path + [method])
+                for prev_method, (prev_cost, path) in best.items()
+                if not (prev_method == "tail" and method == "head")
+            ]
+            if candidates:
+                new[method] = min(candidates, key=lambda t: t[0])
+        best = new
+    return min(best.values(), key=lambda t: t[0])[1]
+
+
+def _nested_topk_sets(
+    ranked: torch.Tensor, partial: Sequence[int], plan: Sequence[str]
+) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """Index sets {k: [B, k]} of the top-k of ``ranked`` for the sizes the plan needs, from one chain of topk
+    calls (largest first, each on the previous result), so they are nested; plus the rank-sorted indices up to
+    the largest head level (None if there is none)."""
+    needed = set()
+    sorted_size = 0
+    for i, method in enumerate(plan):
+        if method == "head":
+            sorted_size = max(sorted_size, partial[i])
+        else:
+            needed.add(partial[i])
+            if method == "tail" and i + 1 < len(partial):
+                needed.add(partial[i + 1])
+    if sorted_size:
+        needed.add(sorted_size)
+    sets: dict[int, torch.Tensor] = {}
+    values, indices = ranked, None
+    sorted_indices = None
+    for k in sorted(needed, reverse=True):
+        values, local = torch.topk(values, k, dim=-1, sorted=(k == sorted_size))
+        indices = local if indices is None else indices.gather(-1, local)
+        sets[k] = indices
+        if k == sorted_size:
+            sorted_indices = indices
+    return sets, sorted_indices
+
+
+def gather_decode(
+    weights: torch.Tensor, decoder: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """out[b] = sum_{e in bag b} weights[e] * decoder[indices[e]]; bag b holds entries offsets[b]..offsets[b+1].
+
+    Same values as ``F.embedding_bag(indices, decoder, offsets, per_sample_weights=weights, mode="sum")`` with a
+    faster backward: the decoder gradient is one gather over the entries sorted by latent (instead of a scatter),
+    the weight gradient one sampled matmul. Both gathers work on column tiles of DECODE_TILE_WIDTH so the rows
+    they touch stay in cache.
+    """
+    return _GatherDecode.apply(weights, decoder, indices, offsets)
+
+
+def _tiled_bag_sum(indices, table, offsets, weights) -> torch.Tensor:
+    width = table.shape[-1]
+    tile = DECODE_TILE_WIDTH if 0 < DECODE_TILE_WIDTH < width else width
+    parts = [
+        F.embedding_bag(
+            indices, table[:, a : a + tile].contiguous(), offsets, per_sample_weights=weights, mode="sum"
+        )
+        for a in range(0, width, tile)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+class _GatherDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weights, decoder, indices, offsets):
+        ctx.save_for_backward(weights, decoder, indices, offsets)
+        return _tiled_bag_sum(indices, decoder, offsets, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weights, decoder, indices, offsets = ctx.saved_tensors
+        n_bags, n_entries = offsets.shape[0], indices.shape[0]
+        grad_weights = grad_decoder = None
+        if ctx.needs_input_grad[0]:
+            # grad_weights[e] = grad_out[bag(e)] . decoder[indices[e]]: a matmul sampled at the entries
+            crow = torch.cat([offsets, offsets.new_tensor([n_entries])])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                pattern = torch.sparse_csr_tensor(
+                    crow,
+                    indices,
+                    weights.new_ones(n_entries),
+                    (n_bags, decoder.shape[0]),
+                    check_invariants=False,
+                )
+                grad_weights = torch.sparse.sampled_addmm(
+                    pattern, grad_out.contiguous(), decoder.t(), beta=0.0
+                )
+            grad_weights = grad_weights.values()
+        if ctx.needs_input_grad[1]:
+            # grad_decoder[j] = sum_{e: indices[e] = j} weights[e] * grad_out[bag(e)]: a bag sum per latent
+            order = torch.argsort(indices)
+            bag_sizes = torch.diff(offsets, append=offsets.new_tensor([n_entries]))
+            bag_of_entry = torch.repeat_interleave(torch.arange(n_bags, device=offsets.device), bag_sizes)
+            per_latent = torch.bincount(indices, minlength=decoder.shape[0])
+            latent_offsets = torch.cat([per_latent.new_zeros(1), per_latent.cumsum(0)[:-1]])
+            grad_decoder = _tiled_bag_sum(bag_of_entry[order], grad_out, latent_offsets, weights[order])
+        return grad_weights, grad_decoder, None, None
+
+
+def naive_topk_reconstructions(
+    acts: torch.Tensor, decoder: torch.Tensor, k_levels: Sequence[int], scores: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Reference: one independent ``topk`` and one dense decode per level (h dense decodes)."""
+    ranked = acts if scores is None else scores
+    outputs = []
+    for k in k_levels:
+        indices = torch.topk(ranked, k, dim=-1).indices
+        sparse = torch.zeros_like(acts).scatter(-1, indices, acts.gather(-1, indices))
+        outputs.append(sparse @ decoder)
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input standardisation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def estimate_input_standardization(
+    batches: Iterable[torch.Tensor],
+    n_batches: int | None = None,
+    scale: StandardizeScale = "paper",
+) -> tuple[torch.Tensor, float]:
+    """Estimate (mu, s) for x -> (x - mu) * s from batches of rows [B, d] (the first ``n_batches`` of them).
+
+    mu = E[x]; "paper": s = sqrt(d) / E||x - mu|| (mean norm of the standardised rows becomes sqrt(d));
+    "authors_code": s = sqrt(d) / E||x - mu||^2 (the authors' code, no square root in the denominator).
+    Exact two-pass estimate over the batches (they are held in memory).
+    """
+    if scale not in ("paper", "authors_code"):
+        raise ValueError(f"scale must be 'paper' or 'authors_code', got {scale!r}")
+    rows = [b.reshape(-1, b.shape[-1]).double() for b in islice(iter(batches), n_batches)]
+    rows = [r for r in rows if r.shape[0] > 0]
+    if not rows:
+        raise ValueError("estimate_input_standardization needs at least one non-empty batch")
+    d = rows[0].shape[-1]
+    count = sum(r.shape[0] for r in rows)
+    mean = sum(r.sum(0) for r in rows) / count
+    if scale == "paper":
+        spread = sum((r - mean).norm(dim=-1).sum() for r in rows) / count
+    else:
+        spread = sum((r - mean).pow(2).sum(-1).sum() for r in rows) / count
+    spread = float(spread)
+    if spread <= 0:
+        raise ValueError("the batches have no spread around their mean; cannot standardise them")
+    return mean.float(), math.sqrt(d) / spread
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared SAE behaviour
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _MatryoshkaTopKMixin:
+    """Encode / decode / folding shared by the inference and the training class."""
+
+    cfg: Any
+    W_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_enc: nn.Parameter
+    b_dec: nn.Parameter
+    input_mean: torch.Tensor
+    input_scale: torch.Tensor
+
+    def initialize_weights(self) -> None:
+        super().initialize_weights()  # type: ignore[misc]
+        self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
+        if self.cfg.standardize_input:
+            # input_scale == 0 means "not estimated yet"
+            self.register_buffer(
+                "input_mean", torch.zeros(self.cfg.d_in, dtype=self.dtype, device=self.device)
+            )
+            self.register_buffer("input_scale", torch.zeros((), dtype=self.dtype, device=self.device))
+
+    # -- decoder view -------------------------------------------------------------------------------------------
+
+    def _decoder_and_row_norms(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(decoder used in the forward, its row norms or None when they are 1 by construction)."""
+        return self.W_dec, self.W_dec.norm(dim=-1)
+
+    def _topk_scores(self, z: torch.Tensor, row_norms: torch.Tensor | None) -> torch.Tensor | None:
+        """Latents are ranked by their contribution size z_j ||D_j|| (= z_j for unit-norm rows)."""
+        return None if row_norms is None else z * row_norms
+
+    # -- standardisation ----------------------------------------------------------------------------------------
+
+    def set_input_standardization(self, mean: torch.Tensor, scale: float | torch.Tensor) -> None:
+        """Store mu [d_in] and the scalar s; the SAE then encodes (x - mu) * s and decodes back to raw space."""
+        if not self.cfg.standardize_input:
+            raise ValueError("set_input_standardization needs a config with standardize_input=True")
+        mean = torch.as_tensor(mean).reshape(-1)
+        if mean.shape[0] != self.cfg.d_in:
+            raise ValueError(f"input mean has width {mean.shape[0]}, expected d_in={self.cfg.d_in}")
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"input scale must be a positive finite number, got {scale}")
+        with torch.no_grad():
+            self.input_mean.copy_(mean.to(self.input_mean))
+            self.input_scale.fill_(scale)
+
+    def fit_input_standardization(self, batches: Iterable[torch.Tensor], n_batches: int | None = None, **kw):
+        """Estimate mu and s from ``batches`` (see ``estimate_input_standardization``) and store them."""
+        if "scale" not in kw:
+            kw["scale"] = getattr(self.cfg, "standardize_scale", "paper")
+        mean, scale = estimate_input_standardization(batches, n_batches=n_batches, **kw)
+        self.set_input_standardization(mean, scale)
+        return mean, scale
+
+    @property
+    def input_standardization_is_set(self) -> bool:
+        return (not self.cfg.standardize_input) or bool(self.input_scale != 0)
+
+    def _check_width(self, x: torch.Tensor) -> None:
+        if x.ndim == 0 or x.shape[-1] != self.cfg.d_in:
+            got = "a scalar" if x.ndim == 0 else f"width {x.shape[-1]} (shape {tuple(x.shape)})"
+            hook = self.cfg.metadata.hook_name
+            where = f" at hook {hook!r}" if hook else ""
+            raise ValueError(f"SAE expects inputs of width d_in={self.cfg.d_in}{where}, got {got}")
+
+    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.standardize_input:
+            return x
+        if not self.input_standardization_is_set:
+            raise ValueError(
+                "standardize_input=True but input_mean/input_scale were never set: call "
+                "sae.fit_input_standardization(batches) or sae.set_input_standardization(mean, scale)"
+            )
+        return (x - self.input_mean) * self.input_scale
+
+    def _unstandardize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.standardize_input:
+            return x
+        return x / self.input_scale + self.input_mean
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw input -> the space the dictionary works in (before b_dec is subtracted)."""
+        x = x.to(self.dtype)
+        x = self.reshape_fn_in(x)
+        self._check_width(x)
+        x = self.hook_sae_input(x)
+        x = self.run_time_activation_norm_fn_in(x)
+        return self._standardize(x)
+
+    def _hidden_pre(self, x_prepared: torch.Tensor) -> torch.Tensor:
+        """pre = (x - b_dec) @ W_enc + b_enc, computed as x @ W_enc + (b_enc - b_dec @ W_enc).
+
+        Same function; the input itself needs no gradient, so backward skips a [B, d_sae] x [d_sae, d_in] matmul.
+        """
+        bias = self.b_enc
+        if self.cfg.apply_b_dec_to_input:
+            bias = bias - self.b_dec @ self.W_enc
+        return self.hook_sae_acts_pre(x_prepared @ self.W_enc + bias)
+
+    # -- public inference API -----------------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Latents of raw x: ReLU latents, or TopK of them at ``k`` (default ``cfg.inference_k``).
+
+        TopK ranks latents by z_j ||D_j|| (= z_j for unit-norm decoder rows), which makes ``fold_W_dec_norm``
+        exact at every k.
+        """
+        k = self.cfg.inference_k if k is None else k
+        z = F.relu(self._hidden_pre(self._prepare_input(x)))
+        if k is not None and k < self.cfg.d_sae:
+            z = self._topk_latents(z, k)
+        return self.hook_sae_acts_post(z)
+
+    def _topk_latents(self, z: torch.Tensor, k: int) -> torch.Tensor:
+        if not (1 <= k <= self.cfg.d_sae):
+            raise ValueError(f"k must be in [1, d_sae={self.cfg.d_sae}], got {k}")
+        _, row_norms = self._decoder_and_row_norms()
+        scores = self._topk_scores(z, row_norms)
+        indices = torch.topk(z if scores is None else scores, k, dim=-1).indices
+        return torch.zeros_like(z).scatter(-1, indices, z.gather(-1, indices))
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """x_hat = unstandardize(z @ D + b_dec), in the raw input space."""
+        decoder, _ = self._decoder_and_row_norms()
+        out = self.hook_sae_recons(feature_acts @ decoder + self.b_dec)
+        out = self._unstandardize(out)
+        out = self.run_time_activation_norm_fn_out(out)
+        return self.reshape_fn_out(out, self.d_head)
+
+    def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        feature_acts = self.encode(x, k=k)
+        sae_out = self.decode(feature_acts)
+        if self.use_error_term:
+            with torch.no_grad():
+                from sae_lens.saes.sae import _disable_hooks
+
+                with _disable_hooks(self):
+                    clean = self.decode(self.encode(x, k=k))
+                sae_error = self.hook_sae_error(x - clean)
+            sae_out = sae_out + sae_error
+        return self.hook_sae_output(sae_out)
+
+    @torch.no_grad()
+    def reconstructions(
+        self, x: torch.Tensor, ks: Sequence[int | None] | None = None
+    ) -> dict[int | None, torch.Tensor]:
+        """Reconstructions of raw x at several k in one pass: {k: x_hat_k}; k = None (or d_sae) is ReLU.
+
+        One encode, one topk at the largest k, nested band decodes (see ``nested_topk_reconstructions``).
+        Default ks: the training ``k_levels``. Inputs of any leading shape [..., d_in].
+        """
+        ks = list(self.cfg.k_levels if ks is None else ks)
+        if not ks:
+            raise ValueError("ks must not be empty")
+        for k in ks:
+            if k is not None and not (1 <= k <= self.cfg.d_sae):
+                raise ValueError(f"every k must be None (ReLU) or in [1, d_sae={self.cfg.d_sae}], got {k}")
+        prepared = self._prepare_input(x)
+        lead_shape = prepared.shape[:-1]
+        z = F.relu(self._hidden_pre(prepared.reshape(-1, self.cfg.d_in)))
+        decoder, row_norms = self._decoder_and_row_norms()
+        distinct = sorted({self.cfg.d_sae if k is None else k for k in ks})
+        decoded = nested_topk_reconstructions(z, decoder, distinct, scores=self._topk_scores(z, row_norms))
+        stacked = self._unstandardize(torch.stack(decoded) + self.b_dec)
+        # one call: SAELens's run-time normalisers keep per-call state that a second call would miss
+        stacked = self.run_time_activation_norm_fn_out(stacked.reshape(len(distinct), *lead_shape, -1))
+        stacked = self.reshape_fn_out(stacked, self.d_head)
+        by_k = dict(zip(distinct, stacked.unbind(0)))
+        return {k: by_k[self.cfg.d_sae if k is None else k] for k in ks}
+
+    # -- folding ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        """The SAE was trained on c * x; make it take raw x with the same function (and ranking).
+
+        With standardisation: mu <- mu / c, s <- s * c. Otherwise latents are scaled by 1 / c (b_enc, b_dec
+        divided by c) so decoder rows keep unit norm: pre(c x) / c = (x - b_dec / c) @ W_enc + b_enc / c.
+        """
+        c = float(scaling_factor)
+        if self.cfg.standardize_input:
+            self.input_mean.div_(c)
+            self.input_scale.mul_(c)
+        else:
+            self.b_enc.data.div_(c)
+            self.b_dec.data.div_(c)
+        self.cfg.normalize_activations = "none"
+
+
+class MatryoshkaTopKSAE(_MatryoshkaTopKMixin, SAE[MatryoshkaTopKSAEConfig]):
+    """Inference Matryoshka SAE: ``encode(x)`` gives ReLU latents, ``encode(x, k=64)`` TopK latents,
+    ``reconstructions(x, ks=[16, 64, 256, None])`` several reconstructions at once. Takes raw activations."""
+
+    b_enc: nn.Parameter
+
+    def __init__(self, cfg: MatryoshkaTopKSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+
+
+class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopKTrainingSAEConfig]):
+    """Training Matryoshka SAE: nested TopK losses from one encoder pass (see module docstring)."""
+
+    b_enc: nn.Parameter
+    # how the level reconstructions are computed; benchmarks swap in ``naive_topk_reconstructions``
+    nested_decode = staticmethod(nested_topk_reconstructions)
+
+    def __init__(self, cfg: MatryoshkaTopKTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.level_weights = level_weights(cfg.level_weighting, len(cfg.k_levels))
+
+    def _decoder_and_row_norms(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.cfg.normalize_decoder:
+            return self.W_dec / self.W_dec.norm(dim=-1, keepdim=True), None
+        return self.W_dec, self.W_dec.norm(dim=-1)
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Rescale W_dec rows to norm 1 in place (a no-op on the function when ``normalize_decoder``)."""
+        self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {}
+
+    def calculate_aux_loss(self, step_input, feature_acts, hidden_pre, sae_out) -> dict[str, torch.Tensor]:
+        return {}  # the method has no auxiliary loss
+
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_pre = self._hidden_pre(self._prepare_input(x))
+        z = F.relu(hidden_pre)
+        if self.cfg.inference_k is not None and self.cfg.inference_k < self.cfg.d_sae:
+            z = self._topk_latents(z, self.cfg.inference_k)
+        return self.hook_sae_acts_post(z), hidden_pre
+
+    def level_losses(
+        self, reconstructions: Sequence[torch.Tensor], target: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Per-level loss L(x_i, x) in the dictionary's (standardised) space."""
+        if self.cfg.reconstruction_loss == "nmse":
+            variance = (target - target.mean(0, keepdim=True)).pow(2).sum(-1).clamp(min=1e-12)
+            return [((r - target).pow(2).sum(-1) / variance).mean() for r in reconstructions]
+        return [(r - target).pow(2).sum(-1).mean() for r in reconstructions]
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """One encoder pass, nested level reconstructions, loss = sum_i a_i L_i (weights normalised)."""
+        if self.cfg.normalize_decoder:
+            self.set_decoder_norm_to_unit_norm()
+        raw = step_input.sae_in
+        if self.cfg.standardize_input and not self.input_standardization_is_set:
+            warnings.warn(
+                "standardize_input=True but no statistics were set; estimating input_mean/input_scale from the "
+                f"first training batch ({raw.shape[0]} rows). Call sae.fit_input_standardization(batches) "
+                "before training for a better estimate.",
+                stacklevel=2,
+            )
+            self.fit_input_standardization([raw.detach()])
+        target = self._prepare_input(raw)
+        hidden_pre = self._hidden_pre(target)
+        z = self.hook_sae_acts_post(F.relu(hidden_pre))
+        decoder, row_norms = self._decoder_and_row_norms()
+        levels = self.cfg.k_levels
+        decoded = self.nested_decode(z, decoder, levels, scores=self._topk_scores(z, row_norms))
+        recons = [self.hook_sae_recons(y + self.b_dec) for y in decoded]
+        losses_per_level = self.level_losses(recons, target)
+        loss = sum(w * level_loss for w, level_loss in zip(self.level_weights, losses_per_level))
+
+        name = self.cfg.reconstruction_loss
+        losses = {f"{name}_loss_k{k}": v.detach() for k, v in zip(levels, losses_per_level)}
+        # what SAETrainer counts for L0 / dead latents: the latents encode() returns (ReLU by default)
+        feature_acts = z.detach()
+        if self.cfg.inference_k is not None and self.cfg.inference_k < self.cfg.d_sae:
+            feature_acts = self._topk_latents(feature_acts, self.cfg.inference_k)
+        metrics: dict[str, Any] = {}
+        if step_input.is_logging_step:
+            with torch.no_grad():
+                total_variance = (
+                    (target - target.mean(0, keepdim=True)).pow(2).sum(-1).mean().clamp(min=1e-12)
+                )
+                for k, r in zip(levels, recons):
+                    metrics[f"fvu_k{k}"] = float((r - target).pow(2).sum(-1).mean() / total_variance)
+                metrics["fraction_zero_relu"] = float((z == 0).float().mean())
+
+        sae_out = self.run_time_activation_norm_fn_out(self._unstandardize(recons[-1]))
+        return TrainStepOutput(
+            sae_in=raw,
+            sae_out=sae_out,
+            feature_acts=feature_acts,
+            hidden_pre=hidden_pre,
+            loss=loss,
+            losses=losses,
+            metrics=metrics,
+        )
+
+    # -- folding and saving -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        if self.cfg.normalize_decoder:
+            self.set_decoder_norm_to_unit_norm()  # the forward already divides by the norms
+        else:
+            super().fold_W_dec_norm()
+
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        if self.cfg.normalize_decoder:
+            w = state_dict["W_dec"]
+            state_dict["W_dec"] = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+ARCHITECTURES = [
+    (
+        ARCHITECTURE_NAME,
+        MatryoshkaTopKSAE,
+        MatryoshkaTopKSAEConfig,
+        MatryoshkaTopKTrainingSAE,
+        MatryoshkaTopKTrainingSAEConfig,
+    )
+]
+
+__all__ = [
+    "ARCHITECTURES",
+    "ARCHITECTURE_NAME",
+    "MatryoshkaTopKSAE",
+    "MatryoshkaTopKSAEConfig",
+    "MatryoshkaTopKTrainingSAE",
+    "MatryoshkaTopKTrainingSAEConfig",
+    "default_k_levels",
+    "estimate_input_standardization",
+    "level_weights",
+    "naive_topk_reconstructions",
+    "nested_topk_reconstructions",
+    "validate_k_levels",
+]

@@ -1,0 +1,785 @@
+"""Data-parallel SAE training with SAELens's own ``SAETrainer`` (torchrun; gloo on CPU, NCCL on GPU).
+
+Each of W ranks holds a full copy of the SAE and reads a disjoint slice of every global batch:
+global batch t is ``X_t = [X_t^0; X_t^1; ...; X_t^(W-1)]``, rank r reading only ``X_t^r`` (b = B / W rows).
+For a loss that is a mean over rows, ``L(X) = (1/B) sum_i l(x_i) = (1/W) sum_r L(X^r)``, hence
+
+    grad L(X_t) = (1/W) sum_r grad L(X_t^r)
+
+so averaging the local gradients (all-reduce SUM, divide by W) *before* SAELens clips the gradient norm and
+steps Adam reproduces single-process training on the same global batches, up to floating-point rounding.
+
+How this is done without touching ``SAETrainer`` (which calls ``sae.training_forward_pass`` directly, so a
+``DistributedDataParallel`` wrapper would never see the forward):
+
+- gradients: a ``post_accumulate_grad`` hook on every parameter all-reduces its ``.grad`` during
+  ``loss.backward()``, i.e. before ``clip_grad_norm_`` and ``optimizer.step()`` (:class:`GradientAverager`);
+- identical start: parameters and buffers are broadcast from rank 0 (:func:`broadcast_module`);
+- per-batch statistics (:class:`DistributedSAETrainer`): after each step the firing counts are summed over
+  ranks (``act_freq_scores``), a latent counts as fired if it fired on any rank (``n_forward_passes_since_fired``,
+  which drives the dead-latent mask of the TopK auxiliary loss), and floating-point buffers are averaged;
+- activation normalisation (``expected_average_only_in``, ``covariance_whitening``) is estimated by SAELens's own
+  ``ActivationScaler`` on the *gathered* global batches, so every rank gets the single-process statistics;
+- checkpoints are written by rank 0 only, followed by a barrier; resume loads the same checkpoint on every rank;
+- a data provider that raises on one rank (a SIGTERM handler, an exhausted stream) stops every rank at the same
+  step (:class:`StoppedOnAnotherRank` on the others) instead of leaving them blocked in a collective.
+
+Exact only for losses that are means of per-row terms (standard, TopK + AuxK, JumpReLU, gated, and the plugin's
+nested-k Matryoshka loss with ``reconstruction_loss="mse"``). Not exact, equivalent in distribution: BatchTopK
+selects the top ``k * b`` activations of the *local* batch and its running threshold becomes the mean of the
+per-rank estimates; the Matryoshka ``"nmse"`` loss divides by the local batch's variance. Several SAEs at once
+(SAELens's ``MultiSAETrainer``) are not covered: it builds plain ``SAETrainer`` objects internally. The
+``TrainStepOutput`` (and so wandb's loss curves, logged by rank 0 only) describes rank 0's local batch.
+
+Resume: ``DistributedSAETrainer.load_trainer_state`` also fixes two things in SAELens 6.54's resume (any world
+size): intermediate checkpoints store ``n_training_steps`` one short, and checkpoint thresholds already passed are
+not dropped (the first step after a resume would write another checkpoint).
+
+Launch: ``torchrun --nproc_per_node N -m sae_vision_ext.training.distributed --activations CACHE ...`` (see
+``--help``), or :func:`spawn_local` to start N local processes from Python (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from sae_lens.training.sae_trainer import SAETrainer
+
+__all__ = [
+    "DistributedContext",
+    "init_distributed",
+    "current_context",
+    "destroy_distributed",
+    "find_free_port",
+    "spawn_local",
+    "broadcast_module",
+    "GradientAverager",
+    "rank_slice",
+    "RankBatches",
+    "RankSlicedBatches",
+    "GatheredBatches",
+    "StoppedOnAnotherRank",
+    "CachedActivationRows",
+    "DistributedSAETrainer",
+    "train_on_rows",
+    "trainer_progress_bar_off",
+    "build_parser",
+    "add_parser",
+    "run",
+    "main",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Process group
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits in the job: ``rank`` of ``world_size`` (``local_rank`` on its node)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        """``cuda:<local_rank>`` under NCCL, else the CPU."""
+        if self.backend == "nccl":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+
+def current_context() -> DistributedContext:
+    """The context of the initialised default process group, or a single-process context."""
+    if dist.is_available() and dist.is_initialized():
+        return DistributedContext(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+            backend=str(dist.get_backend()),
+        )
+    return DistributedContext()
+
+
+def init_distributed(backend: str | None = None) -> DistributedContext:
+    """Join the job started by ``torchrun`` (env ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``).
+
+    Without those variables (a plain ``python`` run) nothing is initialised and a single-process context is
+    returned, so the same script runs with and without torchrun. ``backend`` defaults to NCCL when CUDA is
+    available and gloo otherwise.
+    """
+    if dist.is_initialized():
+        return current_context()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext()
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend)
+    return current_context()
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _spawned_entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, backend: str, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ and Path("/sys/class/net/lo").exists():
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: no dependence on the host's network setup
+    context = init_distributed(backend)
+    try:
+        fn(context, *args)
+    finally:
+        destroy_distributed()
+
+
+def spawn_local(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    backend: str = "gloo",
+    start_method: str = "spawn",
+) -> None:
+    """Run ``fn(context, *args)`` in ``world_size`` local processes joined in one process group (loopback).
+
+    The torchrun-free way to start a small job from Python. ``fn`` must be picklable (module level) under the
+    ``spawn`` start method; ``fork`` skips re-importing torch and SAELens in every child (CPU only). Results
+    travel through files; a failure in any rank raises here.
+    """
+    import torch.multiprocessing as mp
+
+    port = find_free_port()
+    mp.start_processes(
+        _spawned_entry,
+        args=(fn, world_size, port, backend, tuple(args)),
+        nprocs=world_size,
+        join=True,
+        start_method=start_method,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gradients and parameters
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s parameters and buffers to every rank (identical initialisation without a shared seed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=src)
+
+
+class GradientAverager:
+    """Average every parameter's gradient over ranks as soon as backward has accumulated it.
+
+    A ``post_accumulate_grad`` hook runs ``grad <- (sum_r grad_r) / W`` for each parameter, so by the time the
+    caller clips and steps, every rank holds the gradient of the global-batch loss. Averaging an
+    accumulated ``.grad`` twice is harmless: the part already averaged is identical on all ranks. Ranks must
+    run the same autograd graph (they do for one SAE on equal-sized batches), since collectives are matched in
+    order. ``remove()`` detaches the hooks.
+    """
+
+    def __init__(self, module: torch.nn.Module, group: Any = None):
+        self.group = group
+        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.handles = []
+        if self.world_size > 1:
+            self.handles = [
+                param.register_post_accumulate_grad_hook(self._average)
+                for param in module.parameters()
+                if param.requires_grad
+            ]
+
+    def _average(self, param: torch.Tensor) -> None:
+        if param.grad is None:
+            return
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=self.group)
+        param.grad.div_(self.world_size)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rank-sliced input
+
+
+def rank_slice(global_batch_size: int, rank: int, world_size: int) -> slice:
+    """Rows ``[r * b, (r + 1) * b)`` of a global batch, b = B / W (B must be divisible by W)."""
+    if global_batch_size % world_size:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the world size {world_size}; "
+            "equal local batches are what makes the averaged gradient equal the global one"
+        )
+    local = global_batch_size // world_size
+    return slice(rank * local, (rank + 1) * local)
+
+
+class RankBatches(Iterator[torch.Tensor]):
+    """Rank ``rank``'s share of each global batch of ``rows``, endlessly (epoch after epoch).
+
+    Epoch e visits ``rows`` in ``order_e`` (identity, or ``randperm`` seeded by ``shuffle_seed + e``, the same on
+    every rank); global batch t of the epoch is ``order_e[t*B:(t+1)*B]`` (a trailing partial batch is dropped)
+    and this rank reads only its :func:`rank_slice` of it, never the other ranks' rows. ``start_batch`` skips
+    that many global batches without reading them (resume).
+
+    ``rows`` is anything with ``len()`` and row indexing returning ``[n, d]`` (tensor, numpy array or memmap,
+    :class:`CachedActivationRows`); contiguous slices are used when not shuffling.
+    """
+
+    def __init__(
+        self,
+        rows: Any,
+        global_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        shuffle_seed: int | None = None,
+        start_batch: int = 0,
+        dtype: torch.dtype | None = None,
+    ):
+        self.rows = rows
+        self.global_batch_size = global_batch_size
+        self.local = rank_slice(global_batch_size, rank, world_size)
+        self.batches_per_epoch = len(rows) // global_batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(rows)} rows cannot fill one global batch of {global_batch_size}")
+        self.shuffle_seed = shuffle_seed
+        self.dtype = dtype
+        self.batch_index = start_batch
+        self._order: torch.Tensor | None = None
+        self._order_epoch = -1
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor | None:
+        if self.shuffle_seed is None:
+            return None
+        if epoch != self._order_epoch:
+            generator = torch.Generator().manual_seed(self.shuffle_seed + epoch)
+            self._order = torch.randperm(len(self.rows), generator=generator)
+            self._order_epoch = epoch
+        return self._order
+
+    def __iter__(self) -> RankBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        epoch, within = divmod(self.batch_index, self.batches_per_epoch)
+        start = within * self.global_batch_size
+        lo, hi = start + self.local.start, start + self.local.stop
+        order = self._epoch_order(epoch)
+        batch = self.rows[lo:hi] if order is None else self.rows[order[lo:hi]]
+        self.batch_index += 1
+        batch = torch.as_tensor(batch)
+        return batch if self.dtype is None else batch.to(self.dtype)
+
+
+class RankSlicedBatches(Iterator[torch.Tensor]):
+    """This rank's slice of each global batch of any deterministic provider (the same on every rank).
+
+    For providers that cannot read a slice directly (a store with its own mixing and resume state): every rank
+    builds the provider with the GLOBAL batch size and the same seed, and keeps rows :func:`rank_slice`. Exact,
+    but each rank reads (not trains on) all rows; prefer :class:`RankBatches` when rows are random-access.
+    """
+
+    def __init__(self, provider: Iterator[torch.Tensor], rank: int, world_size: int):
+        self.provider, self.rank, self.world_size = provider, rank, world_size
+
+    def __iter__(self) -> RankSlicedBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch = next(self.provider)
+        return batch[rank_slice(batch.shape[0], self.rank, self.world_size)]
+
+
+class StoppedOnAnotherRank(RuntimeError):
+    """Raised on every rank whose data provider was fine when another rank's provider raised (same step)."""
+
+
+class _AgreedBatches(Iterator[torch.Tensor]):
+    """Next batch, or the same stop on every rank: a provider that raises (SIGTERM handler, exhausted stream) on
+    one rank makes all ranks leave the training loop at the same step instead of deadlocking in a collective.
+    Costs one 1-element all-reduce per step."""
+
+    def __init__(self, provider: Iterator[torch.Tensor], device: torch.device | str):
+        self.provider, self.device = provider, device
+
+    def __iter__(self) -> _AgreedBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        error: BaseException | None = None
+        batch = None
+        try:
+            batch = next(self.provider)
+        except BaseException as raised:  # noqa: BLE001 - shared with the other ranks, then re-raised
+            error = raised
+        flag = torch.tensor([0.0 if error is None else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if flag.item() > 0:
+            raise StoppedOnAnotherRank("another rank's data provider stopped; stopping at the same step")
+        return batch
+
+
+class CachedActivationRows:
+    """Random access to the activation rows of a SAELens cached-activation dataset, without a model.
+
+    The cache is a ``datasets.Dataset`` (``save_to_disk``) whose column ``hook_name`` holds
+    ``Array2D(context_size, d_in)``; flattened, dataset row i holds activation rows
+    ``[i * context_size, (i + 1) * context_size)``. ``rows[a:b]`` and ``rows[index_tensor]`` read only the
+    dataset rows that contain the wanted activation rows (memory-mapped Arrow, nothing loaded up front).
+    """
+
+    def __init__(self, path: str | Path, hook_name: str | None = None):
+        import datasets
+
+        dataset = datasets.load_from_disk(str(path))
+        if hook_name is None:
+            if len(dataset.column_names) != 1:
+                raise ValueError(f"{path} has columns {dataset.column_names}; pass hook_name=")
+            hook_name = dataset.column_names[0]
+        if hook_name not in dataset.column_names:
+            raise ValueError(f"{path} has no column {hook_name!r}; columns: {dataset.column_names}")
+        self.hook_name = hook_name
+        self.dataset = dataset.select_columns([hook_name]).with_format("numpy")
+        self.context_size, self.d_in = (int(n) for n in dataset.features[hook_name].shape)
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.context_size
+
+    def _contexts(self, first: int, last: int) -> torch.Tensor:
+        block = self.dataset[first : last + 1][self.hook_name]
+        return torch.from_numpy(block.reshape(-1, self.d_in))
+
+    def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
+        c = self.context_size
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1 or stop <= start:
+                return self[torch.arange(start, stop, step)]
+            block = self._contexts(start // c, (stop - 1) // c)
+            offset = (start // c) * c
+            return block[start - offset : stop - offset]
+        index = torch.as_tensor(index, dtype=torch.long)
+        contexts, position = torch.unique(index // c, return_inverse=True)
+        block = self.dataset[contexts.tolist()][self.hook_name].reshape(len(contexts), c, self.d_in)
+        return torch.from_numpy(block)[position, index % c]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class GatheredBatches(Iterator[torch.Tensor]):
+    """Each rank's next local batch, all-gathered into the global batch (rank order), on every rank.
+
+    For statistics that must be computed on global batches so that all ranks agree (input normalisation,
+    standardisation): feed the estimator ``GatheredBatches(provider, world_size, device)`` instead of ``provider``.
+    """
+
+    def __init__(self, local_batches: Iterator[torch.Tensor], world_size: int, device: torch.device | str):
+        self.local_batches, self.world_size, self.device = local_batches, world_size, device
+
+    def __iter__(self) -> GatheredBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        local = next(self.local_batches).to(self.device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts)
+
+
+@contextlib.contextmanager
+def trainer_progress_bar_off(off: bool = True):
+    """Silence SAETrainer's progress bar (used for non-main ranks during ``fit``).
+
+    tqdm reads ``TQDM_*`` variables only when it is imported, so the bar factory SAETrainer's module uses is
+    swapped for one with ``disable=True`` (this process only) and restored afterwards.
+    """
+    if not off:
+        yield
+        return
+    import functools
+
+    import sae_lens.training.sae_trainer as trainer_module
+
+    original = trainer_module.tqdm
+    trainer_module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        trainer_module.tqdm = original
+
+
+class DistributedSAETrainer(SAETrainer):
+    """``SAETrainer`` for one rank of a data-parallel job; ``cfg`` describes the GLOBAL run.
+
+    ``cfg.train_batch_size_samples`` and ``cfg.total_training_samples`` are the same numbers as for the
+    equivalent single-process run; ``data_provider`` yields this rank's ``B / W`` rows of each global batch
+    (see :class:`RankBatches`). With ``world_size == 1`` this is exactly ``SAETrainer``.
+    Step counters, sample counters, checkpoint names, sparsity statistics and the dead-latent mask are all
+    global, so checkpoints are interchangeable with single-process ones.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        sae: Any,
+        data_provider: Iterator[torch.Tensor],
+        evaluator: Any = None,
+        save_checkpoint_fn: Any = None,
+        *,
+        context: DistributedContext | None = None,
+        broadcast_init: bool = True,
+    ):
+        self.context = context or current_context()
+        self._collective_device = cfg.device  # set before SAETrainer assigns data_provider (see the setter)
+        world = self.context.world_size
+        if world > 1:
+            rank_slice(cfg.train_batch_size_samples, 0, world)  # validates divisibility
+            if not self.context.is_main and cfg.logger.log_to_wandb:
+                cfg = dataclasses.replace(cfg, logger=dataclasses.replace(cfg.logger, log_to_wandb=False))
+            if broadcast_init:
+                broadcast_module(sae.to(cfg.device))  # NCCL broadcasts device tensors
+        super().__init__(cfg, sae, data_provider, evaluator=evaluator, save_checkpoint_fn=save_checkpoint_fn)
+        self.gradient_averager = GradientAverager(sae)
+
+    @property
+    def data_provider(self) -> Iterator[torch.Tensor]:
+        return self._data_provider
+
+    @data_provider.setter
+    def data_provider(self, provider: Iterator[torch.Tensor]) -> None:
+        """Providers assigned at any time (SAETrainer's constructor, or a runner later) stop all ranks together."""
+        if self.context.is_distributed and not isinstance(provider, _AgreedBatches):
+            provider = _AgreedBatches(provider, self._collective_device)
+        self._data_provider = provider
+
+    # ---- training loop seams -------------------------------------------------------------------------
+
+    def fit(self):
+        if self.context.is_distributed:
+            self._estimate_input_normalisation()
+        try:
+            with trainer_progress_bar_off(not self.context.is_main):
+                return super().fit()
+        finally:
+            self.gradient_averager.remove()
+
+    def step(self, batch: torch.Tensor):
+        world = self.context.world_size
+        if world == 1:
+            return super().step(batch)
+        local = self.cfg.train_batch_size_samples // world
+        if batch.shape[0] != local:
+            raise ValueError(
+                f"rank {self.context.rank} got a batch of {batch.shape[0]} rows; expected "
+                f"{local} = train_batch_size_samples {self.cfg.train_batch_size_samples} / world size {world}"
+            )
+        samples_before = self.n_training_samples
+        freq_before = self.act_freq_scores.clone()
+        output = super().step(batch)
+        self.n_training_samples = samples_before + local * world
+        self._merge_step_statistics(freq_before)
+        return output
+
+    @torch.no_grad()
+    def _merge_step_statistics(self, freq_before: torch.Tensor) -> None:
+        """One all-reduce: firing counts summed, 'fired anywhere' for dead latents, float buffers averaged."""
+        buffers = [b for b in self.sae.buffers() if b.is_floating_point()]
+        fired_here = self.n_forward_passes_since_fired == 0
+        parts = [
+            (self.act_freq_scores - freq_before).double(),
+            fired_here.double(),
+            *[b.detach().reshape(-1).double() for b in buffers],
+        ]
+        packed = torch.cat(parts)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        d_sae = freq_before.numel()
+        self.act_freq_scores.copy_(freq_before + packed[:d_sae].to(freq_before.dtype))
+        self.n_forward_passes_since_fired[packed[d_sae : 2 * d_sae] > 0] = 0
+        offset = 2 * d_sae
+        for buffer in buffers:
+            n = buffer.numel()
+            buffer.copy_((packed[offset : offset + n] / self.context.world_size).view_as(buffer))
+            offset += n
+
+    def _estimate_input_normalisation(self) -> None:
+        """SAELens's own estimators, fed the gathered global batches: same statistics as one process."""
+        norm = self.sae.cfg.normalize_activations
+        scaler = self.activation_scaler
+        gathered = GatheredBatches(self.data_provider, self.context.world_size, self.cfg.device)
+        n_batches = self.cfg.n_batches_for_norm_estimate
+        if norm == "expected_average_only_in" and scaler.scaling_factor is None:
+            scaler.estimate_scaling_factor(self.sae.cfg.d_in, gathered, n_batches)
+        elif norm == "covariance_whitening" and scaler.whitening is None:
+            scaler.estimate_whitening(self.sae.cfg.d_in, gathered, n_batches)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint_name, base_path=None, wandb_aliases=None) -> None:
+        """Rank 0 writes (and calls ``save_checkpoint_fn``); the others wait at a barrier."""
+        if self.context.is_main:
+            super().save_checkpoint(checkpoint_name, base_path=base_path, wandb_aliases=wandb_aliases)
+        self.context.barrier()
+
+    def load_trainer_state(self, checkpoint_path) -> None:
+        """SAELens's loader, plus two fixes that make a resumed run continue exactly like an uninterrupted
+        one: checkpoint thresholds already passed are dropped (else the next step writes another
+        checkpoint), and the step counter is recomputed as ``samples / batch`` (SAETrainer saves
+        intermediate checkpoints before it increments ``n_training_steps``, so the stored count is one short).
+        """
+        super().load_trainer_state(checkpoint_path)
+        self.n_training_steps = self.n_training_samples // self.cfg.train_batch_size_samples
+        self.checkpoint_thresholds = [t for t in self.checkpoint_thresholds if t >= self.n_training_samples]
+
+
+def normalisation_batches(sae_cfg: Any, trainer_cfg: Any) -> int:
+    """Global batches consumed by the input-normalisation estimate at the start of a fresh run."""
+    estimated = getattr(sae_cfg, "normalize_activations", "none") in ("expected_average_only_in", "covariance_whitening")
+    return trainer_cfg.n_batches_for_norm_estimate if estimated else 0
+
+
+def train_on_rows(
+    sae: Any,
+    trainer_cfg: Any,
+    rows: Any,
+    *,
+    context: DistributedContext | None = None,
+    shuffle_seed: int | None = None,
+    resume_from: str | Path | None = None,
+    evaluator: Any = None,
+    save_checkpoint_fn: Any = None,
+):
+    """Train ``sae`` on ``rows`` (global batches of ``trainer_cfg.train_batch_size_samples``) on this rank.
+
+    Works the same with one process or under torchrun. ``resume_from`` (a checkpoint folder written by
+    SAELens / this trainer) restores weights, optimiser, schedulers, counters and the activation scaler on every
+    rank and continues with the next unread global batch. Returns the trainer (``trainer.sae`` is the SAE).
+    """
+    context = context or current_context()
+    start_batch = 0
+    if resume_from is not None:
+        sae.load_weights_from_checkpoint(resume_from)
+    batches = RankBatches(
+        rows, trainer_cfg.train_batch_size_samples, context.rank, context.world_size, shuffle_seed=shuffle_seed
+    )
+    trainer = DistributedSAETrainer(
+        trainer_cfg, sae, batches, evaluator=evaluator, save_checkpoint_fn=save_checkpoint_fn, context=context,
+        broadcast_init=resume_from is None,
+    )
+    if resume_from is not None:
+        trainer.load_trainer_state(resume_from)
+        done = trainer.n_training_samples // trainer_cfg.train_batch_size_samples
+        start_batch = done + normalisation_batches(sae.cfg, trainer_cfg)
+    batches.batch_index = start_batch
+    trainer.fit()
+    return trainer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line: python -m sae_vision_ext.training.distributed / torchrun -m sae_vision_ext.training.distributed
+
+EPILOG = """examples:
+  # 2 processes on one machine (gloo on CPU, NCCL when CUDA is available)
+  torchrun --standalone --nproc_per_node 2 -m sae_vision_ext.training.distributed \\
+      --activations runs/cache --architecture topk --d-sae 4096 --k 32 \\
+      --batch-size 4096 --training-samples 10_000_000 --checkpoint-dir runs/ddp --n-checkpoints 4
+  # resume after an interruption (same command + --resume)
+  torchrun --standalone --nproc_per_node 2 -m sae_vision_ext.training.distributed ... \\
+      --resume runs/ddp/5000192
+  # 2 nodes x 8 GPUs
+  torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+      -m sae_vision_ext.training.distributed --activations /data/cache ...
+"""
+
+
+DESCRIPTION = (
+    "Train a SAELens SAE (any registered architecture) on cached activations, data-parallel over the processes "
+    "started by torchrun. --batch-size and --training-samples are GLOBAL: the result equals a single-process run "
+    "with the same numbers."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sae_vision_ext.training.distributed",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_arguments(parser)
+    return parser
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``sae-vision train-distributed`` (run it under torchrun: ``torchrun ... -m sae_vision_ext.cli
+    train-distributed ...``)."""
+    parser = subparsers.add_parser(
+        "train-distributed", help="data-parallel SAE training on cached activations (under torchrun)",
+        description=DESCRIPTION, epilog=EPILOG.replace("-m sae_vision_ext.training.distributed",
+                                                       "-m sae_vision_ext.cli train-distributed"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--activations", required=True,
+                        help="SAELens cached-activation dataset (save_to_disk folder), or a .pt / .npy [N, d] tensor")
+    parser.add_argument("--hook-name", default=None, help="column of the cached dataset (default: its only column)")
+    parser.add_argument("--architecture", default="topk", help="registered SAELens / plugin architecture")
+    parser.add_argument("--d-sae", type=int, default=None, help="latents (default: 8 x d_in)")
+    parser.add_argument("--k", type=int, default=None, help="k for TopK-style architectures")
+    parser.add_argument("--sae-option", action="append", default=[], metavar="KEY=JSON",
+                        help="extra training-config field, e.g. --sae-option aux_loss_coefficient=0.03")
+    parser.add_argument("--normalize-activations", default="none")
+    parser.add_argument("--batch-size", type=int, default=4096, help="GLOBAL batch (divisible by world size)")
+    parser.add_argument("--training-samples", type=int, required=True, help="GLOBAL number of rows to train on")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr-scheduler", default="constant")
+    parser.add_argument("--lr-decay-steps", type=int, default=0)
+    parser.add_argument("--dead-feature-window", type=int, default=1000)
+    parser.add_argument("--feature-sampling-window", type=int, default=2000)
+    parser.add_argument("--n-batches-for-norm-estimate", type=int, default=100)
+    parser.add_argument("--checkpoint-dir", default=None, help="where rank 0 writes SAELens checkpoints")
+    parser.add_argument("--n-checkpoints", type=int, default=0)
+    parser.add_argument("--resume", default=None, help="checkpoint folder to continue from")
+    parser.add_argument("--output", default=None, help="rank 0 saves the final inference SAE here")
+    parser.add_argument("--seed", type=int, default=0, help="init seed (rank 0's init is broadcast anyway)")
+    parser.add_argument("--shuffle-seed", type=int, default=None, help="shuffle rows per epoch (same on all ranks)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--backend", default=None, help="gloo | nccl (default: nccl if CUDA else gloo)")
+
+
+def _load_rows(path: str, hook_name: str | None) -> Any:
+    if path.endswith(".npy"):
+        import numpy as np
+
+        return np.load(path, mmap_mode="r")
+    if path.endswith(".pt"):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return CachedActivationRows(path, hook_name)
+
+
+def _row_width(rows: Any) -> int:
+    return int(rows.d_in) if isinstance(rows, CachedActivationRows) else int(rows.shape[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as ``args`` say, on this rank of the torchrun job (or alone)."""
+    context = init_distributed(args.backend)
+    try:
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.saes.sae import TrainingSAE
+
+        rows = _load_rows(args.activations, args.hook_name)
+        d_in = _row_width(rows)
+        device = str(context.device)
+        sae_cfg: dict[str, Any] = {
+            "architecture": args.architecture,
+            "d_in": d_in,
+            "d_sae": args.d_sae or 8 * d_in,
+            "dtype": args.dtype,
+            "device": device,
+            "normalize_activations": args.normalize_activations,
+        }
+        if args.k is not None:
+            sae_cfg["k"] = args.k
+        for option in args.sae_option:
+            key, _, value = option.partition("=")
+            sae_cfg[key] = json.loads(value)
+        torch.manual_seed(args.seed)
+        sae = TrainingSAE.from_dict(sae_cfg)
+        trainer_cfg = SAETrainerConfig(
+            total_training_samples=args.training_samples,
+            train_batch_size_samples=args.batch_size,
+            lr=args.lr,
+            lr_end=args.lr / 10 if args.lr_scheduler != "constant" else args.lr,
+            lr_scheduler_name=args.lr_scheduler,
+            lr_decay_steps=args.lr_decay_steps,
+            device=device,
+            dead_feature_window=args.dead_feature_window,
+            feature_sampling_window=args.feature_sampling_window,
+            n_checkpoints=args.n_checkpoints,
+            checkpoint_path=args.checkpoint_dir,
+            save_final_checkpoint=args.checkpoint_dir is not None,
+            n_batches_for_norm_estimate=args.n_batches_for_norm_estimate,
+        )
+        trainer = train_on_rows(
+            sae, trainer_cfg, rows, context=context, shuffle_seed=args.shuffle_seed, resume_from=args.resume
+        )
+        if context.is_main:
+            if args.output:
+                trainer.sae.save_inference_model(args.output)
+            print(
+                json.dumps(
+                    {
+                        "world_size": context.world_size,
+                        "steps": trainer.n_training_steps,
+                        "samples": trainer.n_training_samples,
+                        "output": args.output,
+                    }
+                )
+            )
+        context.barrier()
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

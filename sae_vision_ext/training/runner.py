@@ -1,0 +1,930 @@
+"""Train SAEs on a vision model with SAELens's own trainers: images or a cache -> ``SAETrainer`` -> SAELens folder.
+
+``VisionSAETrainingRunner(cfg).run()``:
+
+1. preflight, before any work: output and checkpoint folders writable; each hook's width equals ``sae.d_in``;
+2. the data: an :class:`ImageActivationStore` (images -> model -> rows, model on a background thread) or a
+   :class:`CachedActivationStore` (no model);
+3. one hook: SAELens ``SAETrainer``; several hooks: SAELens ``MultiSAETrainer`` (one SAE per hook, one forward);
+4. checkpoints: SAELens writes its files into ``<checkpoint_path>/.staging/<n>``; the runner adds the data position
+   (``vision_state.json``) and the RNG state, fsyncs, and renames the folder to ``<checkpoint_path>/<n>``, so a
+   checkpoint folder either is complete or does not exist. Resuming restores trainer state, weights, RNG and the
+   exact data position. SIGINT / SIGTERM stop between two steps and write a checkpoint;
+5. the output: SAELens inference folder(s) whose ``cfg.metadata`` carries the vision facts (``modality="vision"``,
+   model, hook, token selection, image size, weights), plus ``eval_metrics.json`` from held-out images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_vision_ext.activations.cache import CachedActivations, fsync_dir, write_json_atomic
+from sae_vision_ext.activations.store import (
+    CachedActivationStore,
+    ImageActivationStore,
+    StoppableProvider,
+    TrainingInterrupted,
+)
+from sae_vision_ext.training.config import RUNNER_CFG_FILENAME, VisionSAERunnerConfig
+
+logger = logging.getLogger(__name__)
+
+VISION_STATE_FILENAME = "vision_state.json"
+RNG_STATE_FILENAME = "rng_state.pt"
+EVAL_METRICS_FILENAME = "eval_metrics.json"
+STAGING_DIRNAME = ".staging"
+# config fields that must match between a checkpoint and the run that resumes it
+RESUME_KEYS = (
+    "model_name", "hook_name", "token_selection", "dataset_path", "use_cached_activations",
+    "cached_activations_path", "train_batch_size_rows", "seed", "augment", "img_size", "buffer_size_rows",
+    "activations_mixing_fraction", "eval_holdout_images", "model_batch_size",
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def check_writable(path: str | os.PathLike, what: str) -> Path:
+    """Create ``path`` if needed and prove a file can be written there; raise a readable error otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"the {what} {path} is not writable ({type(err).__name__}: {err})") from err
+    return path
+
+
+def check_widths(sae_cfg: Any, hook_widths: dict[str, int]) -> None:
+    """Every hook's width must equal the SAE's ``d_in``; the error names both."""
+    for hook, width in hook_widths.items():
+        if int(width) != int(sae_cfg.d_in):
+            raise ValueError(
+                f"SAE width mismatch: sae.d_in = {sae_cfg.d_in} but hook {hook!r} gives rows of width {width}; "
+                f"set sae.d_in={width}"
+            )
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(Path(folder) / name, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(folder))
+
+
+def committed_checkpoints(checkpoint_root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``checkpoint_root``, oldest first (by training rows)."""
+    root = Path(checkpoint_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        if child.name.startswith(".") or not (child / VISION_STATE_FILENAME).exists():
+            continue
+        digits = child.name.removeprefix("final_")
+        if digits.isdigit():
+            found.append((int(digits), child.name.startswith("final_"), child))
+    return [p for _, _, p in sorted(found)]
+
+
+def resolve_checkpoint(spec: str | None, checkpoint_root: str | os.PathLike) -> Path | None:
+    """``None`` -> None; ``"latest"`` -> the newest complete checkpoint (or None); else that folder."""
+    if spec is None:
+        return None
+    if spec == "latest":
+        found = committed_checkpoints(checkpoint_root)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not (path / VISION_STATE_FILENAME).exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {VISION_STATE_FILENAME})")
+    return path
+
+
+def _make_training_sae(sae_cfg: Any):
+    from sae_lens.registry import get_sae_training_class
+
+    import sae_vision_ext  # noqa: F401  (registers the plugin's architectures)
+
+    sae_cls, _ = get_sae_training_class(sae_cfg.architecture())
+    return sae_cls(sae_cfg)
+
+
+@contextlib.contextmanager
+def _offline_hub():
+    """Make Hugging Face hub look-ups local-only for the duration (pretrained weights 'when present locally')."""
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        saved_constant = hub_constants.HF_HUB_OFFLINE
+        hub_constants.HF_HUB_OFFLINE = True
+    except (ImportError, AttributeError):
+        hub_constants, saved_constant = None, None
+    try:
+        yield
+    finally:
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = saved_constant
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+
+
+def _weight_caches_exist() -> bool:
+    """Whether any local cache could hold pretrained weights (HF hub, torch hub, open_clip's ~/.cache/clip).
+
+    When none exists, trying a pretrained load would only build the model twice before falling back.
+    """
+    folders = [Path(os.path.expanduser("~/.cache/clip"))]
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        folders.append(Path(hub_constants.HF_HUB_CACHE))
+    except (ImportError, AttributeError):
+        pass
+    try:
+        folders.append(Path(torch.hub.get_dir()) / "checkpoints")
+    except (RuntimeError, AttributeError):
+        pass
+    return any(folder.is_dir() and any(folder.iterdir()) for folder in folders)
+
+
+def load_model_for(cfg: VisionSAERunnerConfig, say=print) -> tuple[Any, Any, str]:
+    """``(hooked model, preprocess, weights description)`` following ``cfg.pretrained`` / ``cfg.model_weights``."""
+    from sae_vision_ext.vision.load import load_vision_model
+
+    device = cfg.model_device or cfg.device
+    kwargs = dict(device=device, img_size=cfg.img_size)
+    if cfg.model_weights:
+        model, preprocess = load_vision_model(cfg.model_name, pretrained=False, weights=cfg.model_weights, **kwargs)
+        return model, preprocess, str(cfg.model_weights)
+    if cfg.pretrained is False:
+        return (*_random_init(load_vision_model, cfg, kwargs), f"random-init(seed={cfg.seed})")
+    if cfg.pretrained is True:
+        model, preprocess = load_vision_model(cfg.model_name, pretrained=True, **kwargs)
+        return model, preprocess, "pretrained"
+    reason = "no weight caches on this machine"
+    if _weight_caches_exist():
+        try:
+            with _offline_hub():
+                model, preprocess = load_vision_model(cfg.model_name, pretrained=True, **kwargs)
+            return model, preprocess, "pretrained"
+        except (RuntimeError, OSError, ValueError) as err:
+            reason = f"{type(err).__name__}"
+    say(
+        f"note: no local pretrained weights for {cfg.model_name} ({reason}); using the same architecture with "
+        "RANDOM weights. Features will not be meaningful; pass --weights <file> or put the weights in the local "
+        "Hugging Face cache for a real run."
+    )
+    return (*_random_init(load_vision_model, cfg, kwargs), f"random-init(seed={cfg.seed})")
+
+
+def _random_init(load_vision_model, cfg: VisionSAERunnerConfig, kwargs: dict) -> tuple[Any, Any]:
+    """Random weights drawn from ``cfg.seed`` (reproducible: ``sae-vision eval`` can rebuild the same model)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return load_vision_model(cfg.model_name, pretrained=False, **kwargs)
+
+
+def vision_metadata(
+    cfg: VisionSAERunnerConfig, hook: str, model: Any | None, weights: str, cache_meta: dict | None
+) -> dict[str, Any]:
+    """The facts stored in the SAE's ``cfg.metadata`` so a loaded SAE knows where it belongs."""
+    meta: dict[str, Any] = {
+        "modality": "vision",
+        "model_name": cfg.model_name,
+        "hook_name": hook,
+        "token_selection": cfg.token_selection,
+        "weights": weights,
+        "dataset_path": cfg.dataset_path or None,
+        "augment": cfg.augment,
+    }
+    if model is not None:
+        layout = model.token_layout
+        meta.update(
+            image_size=list(model.cfg.image_size),
+            context_size=_tokens_per_image(model, hook, cfg.token_selection),
+            token_layout={
+                "n_cls": layout.n_cls,
+                "n_registers": layout.n_registers,
+                "grid_size": list(layout.grid_size),
+                "n_patches": layout.n_patches,
+                "n_prefix": layout.n_prefix,
+            },
+        )
+    if cache_meta:
+        for key in ("model_name", "weights", "token_selection", "image_size", "token_layout", "dataset_path", "augment"):
+            if cache_meta.get(key) is not None:
+                meta[key] = cache_meta[key]
+        meta["context_size"] = cache_meta.get("context_size")
+        meta["cached_activations_path"] = cfg.cached_activations_path
+    return meta
+
+
+def _tokens_per_image(model: Any, hook: str, selection: str) -> int:
+    from sae_vision_ext.activations.source import tokens_per_image
+
+    return tokens_per_image(model, hook, selection)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_rows(sae: Any, rows: torch.Tensor, scaler: Any = None, batch_size: int = 4096) -> dict[str, Any]:
+    """FVU, cosine, L0, dead fraction (``evals.reconstruction.evaluate_sae``) of ``sae`` on ``rows``.
+
+    ``scaler`` (SAELens ``ActivationScaler``) maps raw rows to what the SAE is trained on, while training.
+    """
+    from sae_vision_ext.evals.reconstruction import evaluate_sae
+
+    def batches():
+        for start in range(0, rows.shape[0], batch_size):
+            batch = rows[start : start + batch_size]
+            yield scaler(batch) if scaler is not None else batch
+
+    was_training = sae.training
+    sae.eval()
+    try:
+        return evaluate_sae(sae, batches())
+    finally:
+        sae.train(was_training)
+
+
+class VisionSAEEvaluator:
+    """SAELens evaluator (``SAETrainer``'s and ``MultiSAETrainer``'s protocols) on fixed held-out rows.
+
+    ``eval_rows``: ``{hook: [N, d_in]}``. Usable with wandb off: call :meth:`metrics` directly.
+    """
+
+    def __init__(self, eval_rows: dict[str, torch.Tensor], source: str = "held-out images"):
+        self.eval_rows = eval_rows
+        self.source = source
+
+    def metrics(self, sae: Any, hook: str, scaler: Any = None) -> dict[str, Any]:
+        return evaluate_rows(sae, self.eval_rows[hook], scaler)
+
+    def __call__(self, sae=None, data_provider=None, activation_scaler=None, *, saes=None, activation_scalers=None,
+                 hook_names=None) -> dict[str, Any]:  # fmt: skip
+        if saes is not None:  # MultiSAETrainer protocol
+            out = {}
+            for name, one in saes.items():
+                scaler = activation_scalers.get(name) if activation_scalers else None
+                for key, value in self.metrics(one, hook_names[name], scaler).items():
+                    out[f"{name}/eval/{key}"] = value
+            return out
+        hook = next(iter(self.eval_rows))
+        return {f"eval/{k}": v for k, v in self.metrics(sae, hook, activation_scaler).items()}
+
+
+# ----------------------------------------------------------------------------------------------- progress
+
+
+class _ProgressProvider:
+    """Shows rows/s as training advances (reads the trainer's sample count), then hands out the next batch."""
+
+    def __init__(self, provider: Any, total: int, samples_fn, counters: dict[str, int], enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.provider = provider
+        self.samples_fn = samples_fn
+        self.counters = counters
+        self.bar = tqdm(total=total, initial=samples_fn(), unit="rows", unit_scale=True, desc="training SAE",
+                        disable=not enabled, mininterval=0.5, dynamic_ncols=True, smoothing=0.1)  # fmt: skip
+        self._last_postfix = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.provider)
+        done = self.samples_fn()
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+        now = time.monotonic()
+        if "images_ok" in self.counters and now - self._last_postfix > 1.0:
+            self._last_postfix = now
+            self.bar.set_postfix(images=self.counters["images_ok"], skipped=self.counters["images_failed"], refresh=False)
+        return batch
+
+    def close(self, final: int | None = None):
+        if final is not None and final > self.bar.n:
+            self.bar.update(final - self.bar.n)
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _quiet_saelens_bars():
+    """SAELens's trainers draw a bar that moves every 100 steps; ours shows rows/s instead, so theirs is muted."""
+    from functools import partial
+
+    import sae_lens.training.multi_sae_trainer as multi_module
+    import sae_lens.training.sae_trainer as single_module
+    from tqdm.auto import tqdm
+
+    saved = (single_module.tqdm, multi_module.tqdm)
+    single_module.tqdm = multi_module.tqdm = partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        single_module.tqdm, multi_module.tqdm = saved
+
+
+# ----------------------------------------------------------------------------------------------- result
+
+
+@dataclass
+class TrainingResult:
+    """What a run produced: the trained SAE(s) by hook, where they were written, and their metrics."""
+
+    saes: dict[str, Any]
+    output_path: Path
+    sae_paths: dict[str, Path]
+    metrics: dict[str, dict[str, Any]]
+    n_training_rows: int
+    seconds: float
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+    weights: str = ""
+    eval_source: str = ""
+
+    @property
+    def sae(self):
+        return next(iter(self.saes.values()))
+
+    def summary(self) -> str:
+        lines = []
+        if self.interrupted:
+            lines.append(f"interrupted after {self.n_training_rows:,} rows; checkpoint: {self.checkpoint}")
+            lines.append("resume with the same command plus --resume (or resume_from_checkpoint='latest')")
+            return "\n".join(lines)
+        rate = self.n_training_rows / max(self.seconds, 1e-9)
+        lines.append(f"trained on {self.n_training_rows:,} rows in {self.seconds:.1f} s ({rate:,.0f} rows/s)")
+        if "images_ok" in self.counters:
+            lines.append(f"images: {self.counters['images_ok']:,} read, {self.counters['images_failed']:,} skipped")
+        for hook, path in self.sae_paths.items():
+            lines.append(f"SAE for {hook}: {path}")
+            m = self.metrics.get(hook)
+            if m:
+                lines.append(
+                    f"  {self.eval_source} ({m['n_rows']:,} rows): FVU {m['fvu']:.4f} | cosine {m['cosine']:.4f} | "
+                    f"L0 {m['l0']:.1f} of {m['d_sae']} (zeros {m['fraction_zero']:.1%})"
+                )
+                if "dead_fraction_train" in m:
+                    lines.append(
+                        f"  dead latents (firing rate < 10^-5.5 over the last {m['dead_window_rows']:,} training rows):"
+                        f" {m['dead_fraction_train']:.1%}"
+                    )
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- runner
+
+
+class VisionSAETrainingRunner:
+    """Trains one SAE per hook of ``cfg`` (see the module docstring).
+
+    ``images`` / ``eval_images`` override ``cfg.dataset_path`` / ``cfg.eval_dataset_path`` (a list of PIL images, a
+    folder, a dataset); ``model`` + ``preprocess`` override loading ``cfg.model_name``.
+    """
+
+    def __init__(
+        self,
+        cfg: VisionSAERunnerConfig,
+        images: Any = None,
+        eval_images: Any = None,
+        model: Any = None,
+        preprocess: Any = None,
+        say=None,
+    ):
+        self.cfg = cfg
+        self.images = images
+        self.eval_images = eval_images
+        self.model = model
+        self.preprocess = preprocess
+        self.weights = "given" if model is not None else ""
+        self.say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.stop = threading.Event()
+        self.store: Any = None
+        self.trainer: Any = None
+        self.hooks = cfg.hook_names
+        self.output_path = Path(cfg.output_path)
+        self.checkpoint_root = Path(cfg.checkpoint_path)
+        self.staging = self.checkpoint_root / STAGING_DIRNAME
+
+    # ------------------------------------------------------------------ preflight
+    def _preflight(self) -> tuple[dict[str, int], dict | None]:
+        cfg = self.cfg
+        if cfg.sae is None:
+            raise ValueError("the config has no sae section: nothing to train")
+        check_writable(self.output_path, "output folder")
+        check_writable(self.checkpoint_root, "checkpoint folder")
+        if cfg.use_cached_activations:
+            cache = CachedActivations(cfg.cached_activations_path)
+            missing = [h for h in self.hooks if h not in cache.hook_widths]
+            if missing:
+                raise ValueError(f"cache {cache.path} has no activations for {missing}; it holds {cache.hook_names}")
+            widths = {h: cache.hook_widths[h] for h in self.hooks}
+            check_widths(cfg.sae, widths)
+            self._cache = cache
+            return widths, cache.metadata
+        if self.model is None:
+            self.model, self.preprocess, self.weights = load_model_for(cfg, self.say)
+        if self.preprocess is None:
+            self.preprocess = getattr(self.model, "preprocess", None)
+            if self.preprocess is None:
+                raise ValueError("a model passed to the runner needs its preprocess transform")
+        widths = {h: int(self.model.hook_width(h)) for h in self.hooks}
+        check_widths(cfg.sae, widths)
+        return widths, None
+
+    # ------------------------------------------------------------------ data
+    def _collections(self):
+        from sae_vision_ext.activations.images import SubsetImages, open_images
+
+        cfg = self.cfg
+        source = self.images if self.images is not None else cfg.dataset_path
+        if source is None or (isinstance(source, str) and not source):
+            raise ValueError("no images: set dataset_path (a hub dataset, a dataset folder or an image folder)")
+        train = open_images(source, split=cfg.dataset_split, image_column=cfg.image_column)
+        evaluation = None
+        if self.eval_images is not None or cfg.eval_dataset_path:
+            target = self.eval_images if self.eval_images is not None else cfg.eval_dataset_path
+            evaluation = open_images(target, split=cfg.eval_dataset_split, image_column=cfg.image_column)
+        elif cfg.eval_holdout_images > 0:
+            import numpy as np
+
+            n = len(train)
+            if cfg.eval_holdout_images >= n:
+                raise ValueError(f"eval_holdout_images={cfg.eval_holdout_images} leaves no training images (of {n})")
+            order = np.random.default_rng([cfg.seed, 3]).permutation(n)
+            held = sorted(order[: cfg.eval_holdout_images].tolist())
+            kept = sorted(order[cfg.eval_holdout_images :].tolist())
+            evaluation, train = SubsetImages(train, held), SubsetImages(train, kept)
+        return train, evaluation
+
+    def _image_source(self, images: Any, seed: int, augment: str, num_workers: int | None = None):
+        from sae_vision_ext.activations.source import ImageActivationSource
+
+        cfg = self.cfg
+        return ImageActivationSource(
+            self.model,
+            self.preprocess,
+            images,
+            self.hooks,
+            token_selection=cfg.token_selection,
+            model_batch_size=cfg.model_batch_size,
+            num_workers=cfg.num_workers if num_workers is None else num_workers,
+            seed=seed,
+            augment=augment,
+            crop_scale=cfg.crop_scale,
+            shuffle=cfg.shuffle_images,
+            dtype=getattr(torch, cfg.dtype),
+            autocast=cfg.autocast_model,
+        )
+
+    def _eval_rows(self, eval_images: Any) -> tuple[dict[str, torch.Tensor] | None, str]:
+        cfg = self.cfg
+        if cfg.use_cached_activations:
+            if not cfg.eval_dataset_path:
+                return None, ""
+            cache = CachedActivations(cfg.eval_dataset_path)
+            limit = cfg.n_eval_images * (cache.context_size or 1)
+            rows = {}
+            for hook in self.hooks:
+                pieces, have = [], 0
+                for block in cache.iter_rows(hook):
+                    pieces.append(torch.from_numpy(block[: limit - have].astype("float32")))
+                    have += pieces[-1].shape[0]
+                    if have >= limit:
+                        break
+                rows[hook] = torch.cat(pieces)
+            return rows, "held-out cache"
+        if eval_images is None:
+            return None, ""
+        source = self._image_source(eval_images, seed=cfg.seed + 1, augment=cfg.eval_augment or cfg.augment)
+        pieces: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
+        for chunk in source.iter_chunks(0, cfg.n_eval_images):
+            for h in self.hooks:
+                pieces[h].append(chunk.rows[h])
+        rows = {h: torch.cat(p).float() for h, p in pieces.items()}
+        if next(iter(rows.values())).shape[0] == 0:
+            raise RuntimeError("none of the evaluation images could be read")
+        return rows, "held-out images"
+
+    def _make_store(self, train_images: Any, position: dict | None):
+        cfg = self.cfg
+        if cfg.use_cached_activations:
+            return CachedActivationStore(
+                self._cache, cfg.train_batch_size_rows, self.hooks, seed=cfg.seed, position=position,
+                dtype=getattr(torch, cfg.dtype),
+            )  # fmt: skip
+        source = self._image_source(train_images, seed=cfg.seed, augment=cfg.augment)
+        return ImageActivationStore(
+            source,
+            cfg.train_batch_size_rows,
+            buffer_rows=cfg.buffer_size_rows,
+            mix_fraction=cfg.activations_mixing_fraction,
+            images_per_segment=cfg.images_per_segment,
+            seed=cfg.seed,
+            prefetch=cfg.prefetch_batches,
+            position=position,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume_fingerprint(self) -> dict[str, Any]:
+        cfg_dict = self.cfg.to_dict()
+        out = {k: cfg_dict.get(k) for k in RESUME_KEYS}
+        sae = cfg_dict["sae"]
+        out["sae"] = {k: sae.get(k) for k in ("architecture", "d_in", "d_sae")}
+        return json.loads(json.dumps(out, default=str))
+
+    def _commit_checkpoint(self, checkpoint_path: Path | None) -> None:
+        """SAELens's ``save_checkpoint_fn``: add our state next to its files, then publish the folder atomically."""
+        if checkpoint_path is None:
+            return
+        checkpoint_path = Path(checkpoint_path)
+        trainer = self.trainer
+        samples = trainer.n_training_samples
+        state = {
+            "format": 1,
+            "n_training_samples": samples,
+            "n_training_steps": samples // self.cfg.train_batch_size_rows,
+            "data_position": self.store.state_dict(),
+            "counters": dict(self.store.counters),
+            "hooks": self.hooks,
+            "resume_fingerprint": self._resume_fingerprint(),
+            "saved_unix": time.time(),
+        }
+        torch.save({"torch_cpu": torch.random.get_rng_state()}, checkpoint_path / RNG_STATE_FILENAME)
+        with open(checkpoint_path / RUNNER_CFG_FILENAME, "w") as f:
+            json.dump(self.cfg.to_dict(), f, default=str)
+        write_json_atomic(checkpoint_path / VISION_STATE_FILENAME, state)
+        _fsync_tree(checkpoint_path)
+        final = self.checkpoint_root / checkpoint_path.name
+        if final.exists():
+            aside = self.checkpoint_root / f".replaced-{final.name}-{os.getpid()}"
+            os.rename(final, aside)
+            os.rename(checkpoint_path, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(checkpoint_path, final)
+        fsync_dir(self.checkpoint_root)
+        self.last_checkpoint = final
+        if self.cfg.verbose:
+            self.say(f"checkpoint: {final}")
+
+    def _checkpoint_state(self, path: Path) -> dict[str, Any]:
+        """The checkpoint's ``vision_state.json``, after checking that it was made with this run's config."""
+        state = json.loads((path / VISION_STATE_FILENAME).read_text())
+        expected = self._resume_fingerprint()
+        saved = state.get("resume_fingerprint", {})
+        changed = sorted(k for k in expected if saved.get(k) != expected[k])
+        if changed:
+            raise ValueError(
+                f"checkpoint {path} was made with a different config (differs in: {', '.join(changed)}); resume with "
+                "the same config, or train from scratch without --resume"
+            )
+        return state
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        state = self._checkpoint_state(path)
+        trainer = self.trainer
+        samples = int(state["n_training_samples"])
+        steps = int(state["n_training_steps"])
+        if len(self.hooks) == 1:
+            trainer.load_trainer_state(path)
+            trainer.sae.load_weights_from_checkpoint(path)
+            trainer.n_training_steps = steps  # SAELens saves mid-step, before its step counter moves on
+            thresholds = trainer.checkpoint_thresholds
+        else:
+            trainer.load_checkpoint(path)
+            trainer.n_training_steps = steps
+            for sub in trainer.trainers.values():
+                sub.n_training_steps = steps
+            thresholds = trainer.checkpoint_thresholds
+        while thresholds and thresholds[0] < samples:
+            thresholds.pop(0)
+        rng = torch.load(path / RNG_STATE_FILENAME, weights_only=True)
+        torch.random.set_rng_state(rng["torch_cpu"])
+        return state
+
+    # ------------------------------------------------------------------ outputs
+    def _write_outputs(self, saes: dict[str, Any], sparsities: dict[str, torch.Tensor], metrics: dict) -> dict:
+        from safetensors.torch import save_file
+
+        tmp = self.output_path / f".writing-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        sae_paths = {}
+        for hook, sae in saes.items():
+            folder = tmp if len(saes) == 1 else tmp / hook
+            sae.save_inference_model(folder)
+            if hook in sparsities:
+                save_file({"sparsity": sparsities[hook]}, folder / "sparsity.safetensors")
+            if metrics.get(hook):
+                (folder / EVAL_METRICS_FILENAME).write_text(json.dumps(metrics[hook], indent=2))
+            sae_paths[hook] = self.output_path if len(saes) == 1 else self.output_path / hook
+        (tmp / RUNNER_CFG_FILENAME).write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
+        _fsync_tree(tmp)
+        for src in sorted(tmp.rglob("*"), key=lambda p: len(p.parts)):
+            dest = self.output_path / src.relative_to(tmp)
+            if src.is_dir():
+                dest.mkdir(exist_ok=True)
+            else:
+                os.replace(src, dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        fsync_dir(self.output_path)
+        return sae_paths
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> TrainingResult:
+        cfg = self.cfg
+        started = time.perf_counter()
+        widths, cache_meta = self._preflight()
+        if cfg.use_cached_activations:
+            train_images = eval_images = None
+        else:
+            train_images, eval_images = self._collections()
+        shutil.rmtree(self.staging, ignore_errors=True)
+        checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_root)
+        if cfg.resume_from_checkpoint == "latest" and checkpoint is None:
+            self.say(f"no checkpoint in {self.checkpoint_root} yet: starting from scratch")
+        position = self._checkpoint_state(checkpoint)["data_position"] if checkpoint is not None else None
+
+        torch.manual_seed(cfg.seed)
+        saes = {}
+        for hook in self.hooks:
+            sae_cfg = copy.deepcopy(cfg.sae)
+            sae_cfg.device = cfg.device
+            sae_cfg.dtype = cfg.dtype
+            for key, value in vision_metadata(cfg, hook, self.model, self.weights, cache_meta).items():
+                sae_cfg.metadata[key] = value
+            saes[hook] = _make_training_sae(sae_cfg)
+
+        eval_rows, eval_source = self._eval_rows(eval_images)
+
+        trainer_cfg = cfg.to_sae_trainer_config(checkpoint_path=str(self.staging))
+        evaluator = VisionSAEEvaluator(eval_rows, eval_source) if eval_rows is not None else None
+        self.store = self._make_store(train_images, position)
+        provider = StoppableProvider(self.store, self.stop)
+        if len(self.hooks) == 1:
+            from sae_lens.training.sae_trainer import SAETrainer
+
+            hook = self.hooks[0]
+            self.trainer = SAETrainer(trainer_cfg, saes[hook], provider, evaluator=evaluator,
+                                      save_checkpoint_fn=self._commit_checkpoint)  # fmt: skip
+        else:
+            from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+
+            self.trainer = MultiSAETrainer(trainer_cfg, saes, {h: h for h in self.hooks}, provider,
+                                           evaluator=evaluator, save_checkpoint_fn=self._commit_checkpoint)  # fmt: skip
+        self.last_checkpoint = None
+        if checkpoint is not None:
+            state = self._load_checkpoint(checkpoint)
+            self.say(f"resumed from {checkpoint} at {state['n_training_samples']:,} rows")
+        progress = _ProgressProvider(provider, cfg.training_rows, lambda: self.trainer.n_training_samples,
+                                     self.store.counters, enabled=cfg.verbose)  # fmt: skip
+        self.trainer.data_provider = progress
+
+        if cfg.logger.log_to_wandb:
+            import wandb
+
+            wandb.init(project=cfg.logger.wandb_project, entity=cfg.logger.wandb_entity, name=cfg.logger.run_name,
+                       id=cfg.logger.wandb_id, config=cfg.to_dict())  # fmt: skip
+        interrupted = False
+        train_started = time.perf_counter()
+        if checkpoint is None:
+            self._fit_input_statistics(saes, progress)
+        resumed_rows = self.trainer.n_training_samples
+        try:
+            with self._signals_stop_training(), _quiet_saelens_bars():
+                self.trainer.fit()
+        except TrainingInterrupted:
+            interrupted = True
+        finally:
+            progress.close(final=self.trainer.n_training_samples)
+            self.store.close()
+            with contextlib.suppress(OSError):
+                self.staging.rmdir()  # only when empty
+        train_seconds = time.perf_counter() - train_started
+
+        if interrupted:
+            if self.trainer.n_training_samples > 0:
+                self.trainer.save_checkpoint(checkpoint_name=str(self.trainer.n_training_samples))
+                with contextlib.suppress(OSError):
+                    self.staging.rmdir()
+            self.say(f"stopped at {self.trainer.n_training_samples:,} rows; checkpoint: {self.last_checkpoint}")
+            return TrainingResult(saes, self.output_path, {}, {}, self.trainer.n_training_samples,
+                                  time.perf_counter() - started, interrupted=True, checkpoint=self.last_checkpoint,
+                                  counters=dict(self.store.counters), weights=self.weights)  # fmt: skip
+
+        metrics: dict[str, dict[str, Any]] = {}
+        if evaluator is None:
+            eval_source = "training stream (not held out)"
+            eval_rows = self._stream_rows(train_images, position=self.store.state_dict())
+            evaluator = VisionSAEEvaluator(eval_rows, eval_source)
+        for hook, sae in saes.items():
+            metrics[hook] = {**evaluator.metrics(sae, hook), "source": eval_source}
+        for hook, sub in self._sub_trainers().items():
+            if sub.n_frac_active_samples:
+                from sae_vision_ext.evals.reconstruction import dead_latents
+
+                dead = dead_latents(sub.act_freq_scores.detach().cpu(), int(sub.n_frac_active_samples))
+                metrics[hook]["dead_fraction_train"] = float(dead.double().mean())
+                metrics[hook]["dead_window_rows"] = int(sub.n_frac_active_samples)
+        sparsities = self._sparsities()
+        sae_paths = self._write_outputs(saes, sparsities, metrics)
+        if cfg.logger.log_to_wandb:
+            import wandb
+
+            wandb.log({f"final/{h}/{k}": v for h, m in metrics.items() for k, v in m.items() if k != "source"})
+            wandb.finish()
+        trained = self.trainer.n_training_samples - resumed_rows
+        return TrainingResult(saes, self.output_path, sae_paths, metrics, self.trainer.n_training_samples,
+                              train_seconds if trained else 0.0, counters=dict(self.store.counters),
+                              weights=self.weights, eval_source=eval_source, checkpoint=self.last_checkpoint)  # fmt: skip
+
+    def _fit_input_statistics(self, saes: dict[str, Any], provider: Any) -> None:
+        """Architectures that standardise their input (MSAE ``standardize_input``) estimate mean and scale first.
+
+        Uses ``n_batches_for_norm_estimate`` batches of the stream (they count in the data position, like SAELens's
+        own norm estimate); the statistics are SAE buffers, so checkpoints carry them.
+        """
+        needing = [h for h, sae in saes.items() if getattr(sae, "input_standardization_is_set", True) is False]
+        if not needing:
+            return
+        n = max(1, min(self.cfg.n_batches_for_norm_estimate, self.cfg.total_training_steps))
+        batches = [next(provider) for _ in range(n)]
+        for hook in needing:
+            rows = [b[hook] if isinstance(b, dict) else b for b in batches]
+            saes[hook].fit_input_standardization(rows)
+
+    def _sub_trainers(self) -> dict[str, Any]:
+        if len(self.hooks) == 1:
+            return {self.hooks[0]: self.trainer}
+        return dict(self.trainer.trainers)
+
+    def _sparsities(self) -> dict[str, torch.Tensor]:
+        return {h: t.log_feature_sparsity for h, t in self._sub_trainers().items() if t.n_frac_active_samples}
+
+    def _stream_rows(self, train_images: Any, position: dict, n_batches: int = 4) -> dict[str, torch.Tensor]:
+        """Fresh rows from where training stopped, for metrics when nothing is held out."""
+        store = self._make_store(train_images, position)
+        try:
+            batches = [next(store) for _ in range(n_batches)]
+        finally:
+            store.close()
+        if isinstance(batches[0], dict):
+            return {h: torch.cat([b[h] for b in batches]) for h in self.hooks}
+        return {self.hooks[0]: torch.cat(batches)}
+
+    @contextlib.contextmanager
+    def _signals_stop_training(self):
+        """SIGINT / SIGTERM: finish the current step, write a checkpoint, return. A second SIGINT aborts."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop.is_set() and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop.set()
+            self.say(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint")
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def train_vision_sae(cfg: VisionSAERunnerConfig, **kwargs: Any) -> TrainingResult:
+    """``VisionSAETrainingRunner(cfg, **kwargs).run()``."""
+    return VisionSAETrainingRunner(cfg, **kwargs).run()
+
+
+
+# ----------------------------------------------------------------------------------------------- caching
+
+
+def cache_activations(
+    cfg: VisionSAERunnerConfig,
+    path: str | os.PathLike,
+    n_images: int,
+    images: Any = None,
+    model: Any = None,
+    preprocess: Any = None,
+    overwrite: bool = False,
+    say=None,
+    progress: bool = True,
+):
+    """Write the activations of ``n_images`` image positions (views) at ``cfg``'s hooks to an on-disk cache.
+
+    Settings come from ``cfg`` (model, hooks, token selection, dataset, augmentation, seed, ``images_per_shard``,
+    ``cache_dtype``). Running it again after an interruption reuses the finished shards. Returns
+    :class:`~sae_vision_ext.activations.cache.CachedActivations`.
+    """
+    from tqdm.auto import tqdm
+
+    from sae_vision_ext.activations.cache import ActivationCacheWriter
+
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    runner = VisionSAETrainingRunner(cfg, images=images, model=model, preprocess=preprocess, say=say)
+    check_writable(Path(path).parent, "cache folder")
+    if runner.model is None:
+        runner.model, runner.preprocess, runner.weights = load_model_for(cfg, say)
+    elif runner.preprocess is None:
+        runner.preprocess = runner.model.preprocess
+    train_images, _ = runner._collections()
+    source = runner._image_source(train_images, seed=cfg.seed, augment=cfg.augment)
+    model_ = runner.model
+    layout = model_.token_layout
+    settings = {
+        "model_name": cfg.model_name,
+        "weights": runner.weights,
+        "img_size": cfg.img_size,
+        "hook_names": source.hook_names,
+        "token_selection": cfg.token_selection,
+        "dataset_path": cfg.dataset_path if images is None else getattr(train_images, "name", "in-memory"),
+        "dataset_split": cfg.dataset_split,
+        "image_column": cfg.image_column,
+        "n_dataset_images": source.n_images,
+        "augment": cfg.augment,
+        "crop_scale": list(cfg.crop_scale),
+        "shuffle_images": cfg.shuffle_images,
+        "eval_holdout_images": cfg.eval_holdout_images,
+    }
+    metadata = {
+        **settings,
+        "modality": "vision",
+        "image_size": list(model_.cfg.image_size),
+        "token_layout": {"n_cls": layout.n_cls, "n_registers": layout.n_registers,
+                         "grid_size": list(layout.grid_size), "n_patches": layout.n_patches,
+                         "n_prefix": layout.n_prefix},  # fmt: skip
+    }
+    m = max(cfg.model_batch_size, cfg.images_per_shard // cfg.model_batch_size * cfg.model_batch_size)
+    writer = ActivationCacheWriter(path, n_images, m, settings, metadata=metadata, dtype=cfg.cache_dtype,
+                                   seed=cfg.seed, overwrite=overwrite)  # fmt: skip
+    todo = writer.prepare()
+    done = writer.n_shards - len(todo)
+    if done:
+        say(f"resuming the cache in {writer.work}: {done} of {writer.n_shards} shards already written")
+    bar = tqdm(total=n_images, unit="img", desc="caching activations", disable=not progress, dynamic_ncols=True)
+    bar.update(sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in range(writer.n_shards) if i not in todo))
+    runs: list[list[int]] = []
+    for index in todo:
+        if runs and runs[-1][-1] == index - 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    from sae_lens.training.prefetch import PrefetchingIterator
+
+    try:
+        for run in runs:
+            start, end = writer.shard_range(run[0])[0], writer.shard_range(run[-1])[1]
+            chunks = PrefetchingIterator(source.iter_chunks(start, end, boundary=m), prefetch=max(1, cfg.prefetch_batches))
+            try:
+                pending: dict[str, list[torch.Tensor]] = {h: [] for h in source.hook_names}
+                ok = failed = 0
+                for chunk in chunks:
+                    for h in source.hook_names:
+                        pending[h].append(chunk.rows[h])
+                    ok, failed = ok + chunk.n_images_ok, failed + chunk.n_images_failed
+                    bar.update(chunk.end - chunk.start)
+                    bar.set_postfix(skipped=source.n_failed, refresh=False)
+                    index = chunk.start // m
+                    if chunk.end == writer.shard_range(index)[1]:
+                        rows = {h: torch.cat(p) for h, p in pending.items()}
+                        writer.write_shard(index, rows, source.tokens_per_image,
+                                           {"n_images_ok": ok, "n_images_failed": failed})  # fmt: skip
+                        pending = {h: [] for h in source.hook_names}
+                        ok = failed = 0
+            finally:
+                chunks.close()
+    finally:
+        bar.close()
+    cache = writer.commit()
+    meta = cache.metadata
+    say(f"cache written: {cache.path} ({meta['n_rows']:,} rows of {meta['hook_widths']}, "
+        f"{meta['n_images_ok']:,} images read, {meta['n_images_failed']:,} skipped)")  # fmt: skip
+    return cache

@@ -1,0 +1,52 @@
+"""examples/capture.py runs end to end on real photos at a small scale."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "capture.py"
+
+
+def run(*args, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_help_has_examples():
+    result = run("--help", timeout=120)
+    assert result.returncode == 0
+    assert "--model" in result.stdout and "--hooks" in result.stdout and "examples:" in result.stdout
+
+
+def test_capture_default_dinov2_reg4_on_photos():
+    result = run("--img-size", "56", "--n-images", "3")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "vit_base_patch14_reg4_dinov2" in out
+    if "random init" in out:  # no weights in the local cache: the script must say so clearly
+        assert "RANDOMLY INITIALISED" in out
+    assert "1 CLS + 4 registers + 16 patches (grid 4x4) = 21 tokens" in out
+    assert "astronaut, coffee, chelsea" in out
+    shapes = {line.split()[0]: line.split("]")[0].split("[")[1] for line in out.splitlines()
+              if line.startswith("  ")}
+    assert shapes["blocks.11.hook_resid_post"] == "3, 21, 768" and shapes["hook_pooled"] == "3, 768"
+    assert "registers=[3, 4, 768]" in out and "hook_pooled" in out
+
+
+def test_capture_open_clip_with_chosen_hooks_and_stop(capsys):
+    # in-process (the subprocess run above covers start-up): an open_clip model, chosen hooks, early stop
+    spec = importlib.util.spec_from_file_location("capture_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.main(["--model", "open_clip:ViT-B-32/laion2b_s34b_b79k", "--random-init", "--img-size", "64",
+                        "--n-images", "2", "--hooks", "hook_embed,blocks.2.hook_mlp_out", "--stop-at-layer", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    assert [line[0] for line in lines] == ["hook_embed", "blocks.2.hook_mlp_out"]
+    assert "[2, 5, 768]" in out and "model output" not in out and "RANDOMLY INITIALISED" in out

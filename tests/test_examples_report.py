@@ -1,0 +1,29 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "compare_saes.py"
+
+
+def _run(*args, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)  # fmt: skip
+
+
+def test_compare_saes_help_has_an_example():
+    result = _run("--help")
+    assert result.returncode == 0
+    assert "examples:" in result.stdout and "--tiny" in result.stdout
+
+
+def test_compare_saes_tiny_writes_a_report(tmp_path):
+    result = _run("--out", str(tmp_path), "--tiny", "--families", "topk", "msae_rw", "--topk-ks", "4",
+                  "--stability-seeds", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| method |" in result.stdout and "msae_rw" in result.stdout
+    text = (tmp_path / "results.md").read_text()
+    assert "## Data" in text and "## Weights" in text and "Stability" not in text
+    assert (tmp_path / "fvu_vs_l0.png").exists() and (tmp_path / "saes" / "msae_rw" / "cfg.json").exists()
