@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: demo test test-slow lint bench
+.PHONY: demo test test-slow lint bench chromium
 
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -14,10 +14,14 @@ PIP := .venv/bin/pip
 demo: .venv/.installed
 	$(PY) -m sae_vision_ext.quickstart
 
-test: .venv/.installed
+# The dashboard tests open the page in headless Chromium (Debian's package).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: .venv/.installed chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-test-slow: .venv/.installed
+test-slow: .venv/.installed chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
 lint: .venv/.installed

@@ -18,8 +18,8 @@ import time
 import torch
 
 EPILOG = """example:
-  python benchmarks/msae_step.py                      # d_in 768, d_sae 6144, batch 4096, fractions 0.5 and 0.2
-  python benchmarks/msae_step.py --batch 1024 --repeats 3 --active-fraction 0.2
+  python benchmarks/msae_step.py                      # d_in 768, d_sae 6144, batch 2048, fractions 0.5 and 0.2
+  python benchmarks/msae_step.py --batch 4096 --threads 1 --active-fraction 0.2
 """
 
 
@@ -112,9 +112,9 @@ def main(argv=None):
     )
     parser.add_argument("--d-in", type=int, default=768)
     parser.add_argument("--d-sae", type=int, default=6144)
-    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=2048, help="rows per step (the paper trains with 4096)")
     parser.add_argument("--topk-k", type=int, default=64, help="k of the SAELens TopK baseline")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--active-fraction", type=float, nargs="+", default=[0.5, 0.2])
     parser.add_argument("--skip-naive", action="store_true")

@@ -97,14 +97,17 @@ def bench_cache(args) -> dict:
         ours = data_rate(CachedActivationStore(cache, batch, seed=0), n_data, batch)
         theirs = data_rate(saelens_store(cache.path, d_in, context, batch, args.cache_rows), n_data, batch)
         steps = args.train_steps
-        ours_train = train_rate(CachedActivationStore(cache, batch, seed=0), d_in, args.d_sae, 32, batch, steps)
-        theirs_train = train_rate(saelens_store(cache.path, d_in, context, batch, args.cache_rows), d_in, args.d_sae, 32,
-                                  batch, steps)  # fmt: skip
+        ours_runs, theirs_runs = [], []
+        for _ in range(args.repeats):  # alternate, keep the best of each: the load of a shared box drifts
+            ours_runs.append(train_rate(CachedActivationStore(cache, batch, seed=0), d_in, args.d_sae, 32, batch, steps))
+            theirs_runs.append(train_rate(saelens_store(cache.path, d_in, context, batch, args.cache_rows), d_in,
+                                          args.d_sae, 32, batch, steps))  # fmt: skip
+        ours_train, theirs_train = max(ours_runs), max(theirs_runs)
     return {
         "cache_rows": args.cache_rows, "d_in": d_in, "batch": batch, "d_sae": args.d_sae,
         "data_rows_per_s_ours": ours, "data_rows_per_s_saelens": theirs, "data_ratio": ours / theirs,
         "train_rows_per_s_ours": ours_train, "train_rows_per_s_saelens": theirs_train,
-        "train_ratio": ours_train / theirs_train,
+        "train_ratio": ours_train / theirs_train, "train_runs_ours": ours_runs, "train_runs_saelens": theirs_runs,
     }  # fmt: skip
 
 
@@ -115,7 +118,8 @@ def bench_overlap(args) -> dict:
 
     results = {}
     images = sample_images()
-    for name, workers, prefetch in (("overlap", 1, 2), ("serial", 0, 0)):
+    runs = [("overlap", 1, 2), ("serial", 0, 0)] * args.repeats
+    for name, workers, prefetch in runs:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = VisionSAERunnerConfig(
                 sae={"architecture": "topk", "d_in": 384, "d_sae": 3072, "k": 32},
@@ -129,9 +133,10 @@ def bench_overlap(args) -> dict:
             started = time.perf_counter()
             result = runner.run()
             seconds = time.perf_counter() - started
-            results[name] = {"images": result.counters["images_ok"], "seconds": seconds,
-                             "images_per_s": result.counters["images_ok"] / seconds,
-                             "rows_per_s": result.n_training_rows / seconds}  # fmt: skip
+            rate = result.counters["images_ok"] / seconds
+            if name not in results or rate > results[name]["images_per_s"]:  # best of the repeats
+                results[name] = {"images": result.counters["images_ok"], "seconds": seconds, "images_per_s": rate,
+                                 "rows_per_s": result.n_training_rows / seconds}  # fmt: skip
     results["ratio"] = results["overlap"]["images_per_s"] / results["serial"]["images_per_s"]
     return results
 
@@ -188,7 +193,8 @@ def main(argv=None) -> int:
     args.d_in, args.batch = 384, 4096
     args.d_sae = 3072
     args.cache_rows = 65536 if args.quick else 262144
-    args.train_steps = 8 if args.quick else 24
+    args.train_steps = 6 if args.quick else 12
+    args.repeats = 2 if args.quick else 3
     args.img_size = 112
     args.image_rows = 16384 if args.quick else 49152
     args.memory_sizes = (256, 2048) if args.quick else (512, 4096)
@@ -198,7 +204,7 @@ def main(argv=None) -> int:
         c = report["cache"] = bench_cache(args)
         print(f"[cache -> SAE] data only: ours {c['data_rows_per_s_ours']:,.0f} rows/s vs SAELens ActivationsStore "
               f"{c['data_rows_per_s_saelens']:,.0f} rows/s -> ratio {c['data_ratio']:.2f}")
-        print(f"[cache -> SAE] training (TopK d_sae {c['d_sae']}, batch {c['batch']}): ours "
+        print(f"[cache -> SAE] training (TopK d_sae {c['d_sae']}, batch {c['batch']}, best of {args.repeats}): ours "
               f"{c['train_rows_per_s_ours']:,.0f} rows/s vs SAELens {c['train_rows_per_s_saelens']:,.0f} rows/s "
               f"-> ratio {c['train_ratio']:.2f}")  # fmt: skip
     if "overlap" not in args.skip:

@@ -14,7 +14,7 @@ EPILOG = """examples:
   python examples/compare_saes.py --out report_tiny --tiny
   python examples/compare_saes.py --out report --data synthetic-sparse --stability-seeds 3
   python examples/compare_saes.py --out report_clip --data cache/hook_image_embed --key hook_image_embed \\
-      --d-sae 4096 --topk-ks "16 32 64" --k 32 --msae-k-min 16 --n-candidates 16384
+      --d-sae 4096 --topk-ks 16 32 64 --k 32 --msae-k-min 16 --n-candidates 16384
 """
 
 

@@ -12,14 +12,24 @@ import sys
 
 # subcommand -> module that adds it; a module may add several subcommands.
 SUBCOMMANDS: dict[str, str] = {
+    "cache": "sae_vision_ext.training.cli_commands",
+    "train": "sae_vision_ext.training.cli_commands",
+    "eval": "sae_vision_ext.training.cli_commands",
+    "candidates": "sae_vision_ext.training.candidates",
     "convert": "sae_vision_ext.loading.convert",
+    "dashboard": "sae_vision_ext.analysis.dashboard",
+    "report": "sae_vision_ext.evals.report",
+    "synthetic": "sae_vision_ext.evals.synthetic",
     "train-distributed": "sae_vision_ext.training.distributed",
 }
 
 EPILOG = """examples:
-  sae-vision cache --help
-  sae-vision train --model timm:vit_small_patch14_reg4_dinov2.lvd142m --hook blocks.9.hook_resid_post
-  sae-vision eval runs/quickstart/final
+  sae-vision train --help
+  sae-vision cache --dataset ./photos --model timm:vit_small_patch14_reg4_dinov2.lvd142m \\
+      --hook blocks.9.hook_resid_post --tokens patches --output runs/cache_l9
+  sae-vision train --cache runs/cache_l9 --architecture matryoshka_topk --expansion 8 --output runs/msae_l9
+  sae-vision eval runs/msae_l9 --dataset ./val_photos
+  sae-vision dashboard --sae runs/msae_l9 --images ./val_photos --out artifacts/dash
 """
 
 

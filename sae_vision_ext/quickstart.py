@@ -66,8 +66,8 @@ def quickstart_config(args: argparse.Namespace):
     from sae_vision_ext.training.config import VisionSAERunnerConfig
 
     if args.tiny:
-        args.img_size, args.rows, args.batch_size, args.expansion = 56, 4096, 256, 2
-        args.eval_views, args.checkpoints = 8, 1
+        args.img_size, args.rows, args.batch_size, args.expansion = 56, 2048, 256, 2
+        args.eval_views, args.checkpoints = 4, 1
     return VisionSAERunnerConfig(
         sae=None,  # set once the model tells the hook's width
         model_name=args.model,
@@ -86,7 +86,7 @@ def quickstart_config(args: argparse.Namespace):
         training_rows=args.rows,
         train_batch_size_rows=args.batch_size,
         lr=args.lr,
-        n_batches_for_norm_estimate=8,
+        n_batches_for_norm_estimate=2 if args.tiny else 8,
         output_path=args.output,
         n_checkpoints=args.checkpoints,
         resume_from_checkpoint="latest" if args.resume else None,

@@ -121,14 +121,17 @@ def test_store_resume_is_exact_mid_segment_and_across_segments():
         return ImageActivationStore(RowSource(), batch_size=16, buffer_rows=64, images_per_segment=32, seed=3,
                                     prefetch=prefetch, position=position)  # fmt: skip
 
-    reference = take(make(), 40)
+    full = make()
+    reference = take(full, 40)
     for cut in (5, 16, 23):
         first = make(prefetch=2)
         head = take(first, cut)
         state = first.state_dict()
         first.close()
-        tail = take(make(position=state, prefetch=1), 40 - cut)
+        second = make(position=state, prefetch=1)
+        tail = take(second, 40 - cut)
         assert all(torch.equal(a, b) for a, b in zip(reference, head + tail)), cut
+        assert second.counters == full.counters and full.counters["rows_served"] == 40 * 16
     other_seed = ImageActivationStore(RowSource(), batch_size=16, buffer_rows=64, images_per_segment=32, seed=4)
     assert not torch.equal(torch.cat(take(other_seed, 4)), torch.cat(reference[:4]))
 

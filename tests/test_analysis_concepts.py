@@ -7,6 +7,7 @@ from sae_vision_ext.analysis.concepts import (
     clip_text_encoder,
     name_concepts,
     text_embedding_cache_path,
+    weights_fingerprint,
 )
 from sae_vision_ext.analysis.toy import make_sae, orthonormal_directions, planted_sae, tiny_clip
 from sae_vision_ext.analysis.vocabulary import default_vocabulary, load_vocabulary, vocabulary_hash
@@ -88,19 +89,35 @@ def test_clip_text_encoder_path_and_disk_cache(tmp_path, monkeypatch):
         sae.W_dec.copy_(atoms)
     names = name_concepts(sae, words, model=model, top_n=2)
     assert names.best() == {0: "ocean", 1: "forest"}
-    cache_file = text_embedding_cache_path(model.spec, words, "{}")
+    cache_file = text_embedding_cache_path(f"{model.spec}@{weights_fingerprint(model)}", words, "{}")
     assert cache_file.exists() and str(cache_file).startswith(str(tmp_path))
 
     def broken(*args, **kwargs):
         raise AssertionError("the text encoder must not run when the cache is warm")
 
-    monkeypatch.setattr(type(model), "encode_text", broken)
+    import sae_vision_ext.analysis.concepts as concepts
+
+    monkeypatch.setattr(concepts, "embed_texts", broken)
     assert name_concepts(sae, words, model=model).best() == {0: "ocean", 1: "forest"}
-    other_template = text_embedding_cache_path(model.spec, words, "a photo of a {}")
+    other_template = text_embedding_cache_path(f"{model.spec}@{weights_fingerprint(model)}", words, "a photo of a {}")
     assert other_template != cache_file
+    other_weights, _ = tiny_clip(seed=3)  # same spec string, different (random) weights: a different cache entry
+    assert weights_fingerprint(other_weights) != weights_fingerprint(model)
 
 
 def test_dimension_mismatch_is_explained():
     sae = make_sae(16, 4, "blocks.0.hook_resid_post")
     with pytest.raises(ValueError, match="hook_image_embed"):
         name_concepts(sae, ["a", "b"], text_embeddings=torch.randn(2, 32))
+
+
+def test_truncated_text_forward_matches_the_full_one():
+    from sae_vision_ext.analysis.concepts import _truncatable
+
+    model, _ = tiny_clip(seed=4)
+    assert _truncatable(model.model)
+    words = ["dog", "a photo of a red sports car", "lighthouse", "x"] * 3
+    fast = clip_text_encoder(model)(words)
+    full = clip_text_encoder(model, truncate=False)(words)
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
+    assert model.model.positional_embedding.shape[0] == 16  # restored after the truncated pass

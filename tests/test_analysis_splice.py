@@ -164,18 +164,17 @@ def test_readable_errors(clip):
     assert model.acts_to_saes == {}
 
 
-def test_mixin_as_a_base_class():
-    from sae_vision_ext.vision.open_clip import OpenClipHookedVisionModel
-
-    class SpliceableCLIP(SAESplicingMixin, OpenClipHookedVisionModel):
-        pass
-
+def test_hooked_vision_model_splices_natively():
     base, preprocess = tiny_clip(seed=1)
-    model = SpliceableCLIP(base.model, spec=base.spec, arch=base.spec.split(":", 1)[1]).eval()
-    assert enable_sae_splicing(model) is model and type(model) is SpliceableCLIP
+    assert isinstance(base, SAESplicingMixin)
+    cls = type(base)
+    assert enable_sae_splicing(base) is base and type(base) is cls
     images = torch.stack([preprocess(image) for image in synthetic_images(2, seed=3)])
-    sae = make_sae(model.cfg.d_model, 16, HOOK, seed=10)
+    sae = make_sae(base.cfg.d_model, 16, HOOK, seed=10)
     with torch.no_grad():
-        expected = base.run_with_saes(images, saes=[sae])
-        out = model.run_with_saes(images, saes=[sae])
-    torch.testing.assert_close(out, expected)
+        plain = base(images)
+        spliced = base.run_with_saes(images, saes=[sae])
+        kept = base.run_with_saes(images, saes=[sae], use_error_term=True)
+    assert not torch.allclose(spliced, plain)  # the reconstruction flows downstream
+    torch.testing.assert_close(kept, plain)  # the error term restores the output
+    assert base.acts_to_saes == {}  # run_with_saes leaves no SAE behind

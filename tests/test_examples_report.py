@@ -13,10 +13,19 @@ def _run(*args, timeout=600):
                           timeout=timeout, cwd=ROOT)  # fmt: skip
 
 
-def test_compare_saes_help_has_an_example():
-    result = _run("--help")
-    assert result.returncode == 0
-    assert "examples:" in result.stdout and "--tiny" in result.stdout
+def test_compare_saes_help_has_an_example(capsys):
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("compare_saes", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # in-process: the subprocess import of SAELens alone takes seconds
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "--tiny" in out and "--data" in out
 
 
 def test_compare_saes_tiny_writes_a_report(tmp_path):

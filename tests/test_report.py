@@ -19,7 +19,7 @@ def test_markdown_table_formats_values():
 
 
 def test_cli_arguments_override_the_tiny_preset(tmp_path):
-    args = _parser().parse_args(["report", "--out", str(tmp_path), "--tiny", "--topk-ks", "2 3", "--k", "3",
+    args = _parser().parse_args(["report", "--out", str(tmp_path), "--tiny", "--topk-ks", "2", "3", "--k", "3",
                                  "--stability-seeds", "0", "--families", "topk", "relu"])  # fmt: skip
     cfg = config_from_args(args)
     assert cfg.topk_ks == [2, 3] and cfg.k == 3 and cfg.families == ["topk", "relu"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from vision_training_helpers import TINY_MODEL, load_tiny, synthetic_images, tiny_config
+from vision_training_helpers import TINY_MODEL, shared_tiny, synthetic_images, tiny_config
 
 import sae_vision_ext  # noqa: F401  (registers the plugin's architectures)
 from sae_vision_ext.training import runner as runner_module
@@ -28,7 +28,10 @@ TESTS_DIR = Path(__file__).parent
 HOOK = "blocks.1.hook_resid_post"
 
 
-def _train(cfg, **kw):
+def _train(cfg, share_model=True, **kw):
+    """Train on the synthetic photos; the tiny model is built once per session (same weights as random-init(5))."""
+    if share_model and cfg.model_name == TINY_MODEL and cfg.img_size == 32 and "model" not in kw:
+        kw["model"], kw["preprocess"] = shared_tiny(cfg.seed)
     return VisionSAETrainingRunner(cfg, images=synthetic_images(), say=lambda m: None, **kw).run()
 
 
@@ -84,7 +87,7 @@ def test_msae_run_writes_a_saelens_folder_with_vision_metadata(tmp_path):
     sae_cfg = {"architecture": "matryoshka_topk", "d_in": 192, "d_sae": 256, "k_levels": [8, 32, 256],
                "level_weighting": "reverse", "standardize_input": True}  # fmt: skip
     cfg = tiny_config(tmp_path / "run", sae=sae_cfg, eval_holdout_images=2, n_eval_images=8, n_batches_for_norm_estimate=2)
-    result = _train(cfg)
+    result = _train(cfg, share_model=False)  # weights "random-init(seed=5)": the evaluator rebuilds them below
     out = tmp_path / "run"
     assert result.sae_paths == {HOOK: out}
     meta = json.loads((out / "cfg.json").read_text())["metadata"]
@@ -103,7 +106,7 @@ def test_msae_run_writes_a_saelens_folder_with_vision_metadata(tmp_path):
     # the evaluator rebuilds the same random-init model from the metadata: same rows, same metrics
     images = synthetic_images(4)
     from_folder = evaluate_sae_folder(str(out), dataset=images, n_images=4)
-    model, preprocess = load_tiny(seed=5)
+    model, preprocess = shared_tiny(5)
     from sae_vision_ext.activations.source import ImageActivationSource
     from sae_vision_ext.evals.reconstruction import evaluate_sae
 
@@ -116,7 +119,7 @@ def test_several_hooks_train_with_multi_sae_trainer_and_resume_after_sigterm(tmp
     import sae_lens.training.sae_trainer as trainer_module
 
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-    full = _train(tiny_config(tmp_path / "full", hook_name=hooks, training_rows=64 * 12))
+    full = _train(tiny_config(tmp_path / "full", hook_name=hooks, training_rows=64 * 8))
     assert set(full.sae_paths) == set(hooks)
     for hook in hooks:
         meta = json.loads((tmp_path / "full" / hook / "cfg.json").read_text())["metadata"]
@@ -132,14 +135,14 @@ def test_several_hooks_train_with_multi_sae_trainer_and_resume_after_sigterm(tmp
         return original(self, batch)
 
     monkeypatch.setattr(trainer_module.SAETrainer, "step", step_then_sigterm)
-    cfg = tiny_config(tmp_path / "cut", hook_name=hooks, training_rows=64 * 12)
+    cfg = tiny_config(tmp_path / "cut", hook_name=hooks, training_rows=64 * 8)
     stopped = _train(cfg)
     assert stopped.interrupted and stopped.n_training_rows == 5 * 64
     assert stopped.checkpoint == tmp_path / "cut" / "checkpoints" / "320"
     assert all((stopped.checkpoint / h / "sae_weights.safetensors").exists() for h in hooks)
     assert not (tmp_path / "cut" / hooks[0] / "cfg.json").exists()
     monkeypatch.setattr(trainer_module.SAETrainer, "step", original)
-    resumed = _train(tiny_config(tmp_path / "cut", hook_name=hooks, training_rows=64 * 12,
+    resumed = _train(tiny_config(tmp_path / "cut", hook_name=hooks, training_rows=64 * 8,
                                  resume_from_checkpoint="latest"))  # fmt: skip
     for hook in hooks:
         _assert_same_weights(full.saes[hook], resumed.saes[hook])
@@ -223,7 +226,7 @@ def test_sigkill_mid_training_then_resume_gives_the_same_sae(tmp_path, reference
 
 
 def test_training_from_a_cache_needs_no_model(tmp_path, monkeypatch):
-    model, preprocess = load_tiny()
+    model, preprocess = shared_tiny(5)
     cache_cfg = tiny_config(tmp_path / "unused", sae=None, hook_name=HOOK, token_selection="patches", images_per_shard=8)
     for name, n in (("train_cache", 48), ("eval_cache", 8)):
         cache_activations(cache_cfg, tmp_path / name, n, images=synthetic_images(), model=model, preprocess=preprocess,
@@ -246,3 +249,20 @@ def test_training_from_a_cache_needs_no_model(tmp_path, monkeypatch):
                         sae={"architecture": "standard", "d_in": 100, "d_sae": 200})  # fmt: skip
     with pytest.raises(ValueError, match="d_in = 100.*width 192"):
         VisionSAETrainingRunner(wrong).run()
+
+
+def test_evaluator_runs_inside_saelens_when_wandb_is_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    calls = []
+    original = runner_module.VisionSAEEvaluator.__call__
+
+    def counting(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(runner_module.VisionSAEEvaluator, "__call__", counting)
+    logger = {"log_to_wandb": True, "wandb_log_frequency": 1, "eval_every_n_wandb_logs": 2}
+    _train(tiny_config(tmp_path / "run", training_rows=64 * 4, eval_holdout_images=2, n_eval_images=4, logger=logger))
+    assert len(calls) == 2  # SAETrainer called it at steps 2 and 4
+    assert {"eval/fvu", "eval/cosine", "eval/l0", "eval/dead_fraction"} <= set(calls[0])

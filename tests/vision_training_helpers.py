@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 TINY_MODEL = "timm:vit_tiny_patch16_224"  # d_model 192, 12 blocks; at 32 px: 1 CLS + 2x2 patches
@@ -25,6 +27,12 @@ def load_tiny(spec: str = TINY_MODEL, img_size: int = 32, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return load_vision_model(spec, pretrained=False, img_size=img_size)
+
+
+@functools.lru_cache(maxsize=4)
+def shared_tiny(seed: int = 5, img_size: int = 32):
+    """One loaded tiny model per (seed, size) for the whole session: the weights random-init(seed) would build."""
+    return load_tiny(TINY_MODEL, img_size=img_size, seed=seed)
 
 
 def tiny_config(output, **overrides):

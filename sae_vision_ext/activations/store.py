@@ -102,14 +102,17 @@ class ImageActivationStore:
         skip = int(position.get("batches_in_segment", 0))
         self.counters = {"images_ok": 0, "images_failed": 0, "rows_served": 0, "batches_served": 0}
         self.counters.update(position.get("counters_at_segment_start", {}))
-        self._position = {"segment": segment, "batches_in_segment": 0, "counters_at_segment_start": dict(self.counters)}
+        first_start = dict(self.counters)
+        self.counters["rows_served"] += skip * self.batch_size  # the skipped batches were served before the stop
+        self.counters["batches_served"] += skip
+        self._position = {"segment": segment, "batches_in_segment": skip, "counters_at_segment_start": first_start}
         chunks = source.iter_chunks(start=segment * self.images_per_segment, boundary=self.images_per_segment)
         if prefetch and prefetch > 0:
             from sae_lens.training.prefetch import PrefetchingIterator
 
             chunks = PrefetchingIterator(chunks, prefetch=int(prefetch))
         self._chunks = chunks
-        self._batches = self._generate(segment, skip)
+        self._batches = self._generate(segment, skip, first_start)
         # a producer thread still running torch at interpreter exit aborts the process: stop it first
         self._finalizer = weakref.finalize(self, _close_quietly, chunks)
 
@@ -126,14 +129,27 @@ class ImageActivationStore:
         return batch
 
     def _segment_loader(self, segment: int, state: dict[str, bool]) -> Iterator[torch.Tensor]:
+        """The segment's rows, fed in pieces of at least ``buffer_rows / 8`` rows.
+
+        SAELens's buffer concatenates its whole storage with every piece it is fed, so feeding it one small model
+        batch at a time would copy the buffer O(buffer / batch) times per refill.
+        """
         end = (segment + 1) * self.images_per_segment
+        feed_rows = max(self.batch_size, self.buffer_rows // 8)
+        pending: list[torch.Tensor] = []
+        pending_rows = 0
         while True:
             chunk = next(self._chunks)
             self.counters["images_ok"] += chunk.n_images_ok
             self.counters["images_failed"] += chunk.n_images_failed
             if chunk.n_images_ok:
-                yield _pack(chunk.rows, self.hooks)
-            if chunk.end >= end:
+                pending.append(_pack(chunk.rows, self.hooks))
+                pending_rows += pending[-1].shape[0]
+            last = chunk.end >= end
+            if pending and (pending_rows >= feed_rows or last):
+                yield pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending, pending_rows = [], 0
+            if last:
                 break
         state["exhausted"] = True
 
@@ -165,9 +181,9 @@ class ImageActivationStore:
             for start in range(0, rows.shape[0] - self.batch_size + 1, self.batch_size):
                 yield rows[start : start + self.batch_size]
 
-    def _generate(self, segment: int, skip: int) -> Iterator[torch.Tensor]:
+    def _generate(self, segment: int, skip: int, first_start: dict[str, int]) -> Iterator[torch.Tensor]:
+        at_start = first_start
         while True:
-            at_start = dict(self.counters)
             served = 0
             for batch in self._segment_batches(segment):
                 served += 1
@@ -181,7 +197,8 @@ class ImageActivationStore:
                 yield batch
             skip = 0
             segment += 1
-            self._position = {"segment": segment, "batches_in_segment": 0, "counters_at_segment_start": dict(self.counters)}
+            at_start = dict(self.counters)
+            self._position = {"segment": segment, "batches_in_segment": 0, "counters_at_segment_start": at_start}
 
     # ------------------------------------------------------------------ position
     def state_dict(self) -> dict[str, Any]:

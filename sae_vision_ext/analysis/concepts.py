@@ -12,7 +12,7 @@ without going through ``decode``. ``center_text=True`` subtracts the vocabulary'
 the component shared by all captions; off by default, as in the paper).
 
 Text embeddings are cached on disk (``$SAE_VISION_CACHE`` or ``~/.cache/sae_vision_ext``) under a key made of the
-model spec, the prompt template and a hash of the word list.
+model spec (plus a fingerprint of its weights), the prompt template and a hash of the word list.
 """
 
 from __future__ import annotations
@@ -48,11 +48,25 @@ def model_spec_of(model: Any) -> str:
     return str(spec or type(model).__name__)
 
 
-def clip_text_encoder(model: Any, device: str | torch.device | None = None) -> TextEncoder:
+def weights_fingerprint(model: Any, n_tensors: int = 4, n_values: int = 4096) -> str:
+    """A short hash of some of the model's weights, so cached text embeddings of a randomly initialised model
+    and of the pretrained one (same spec string) never mix."""
+    params = [p for p in model.parameters()] if hasattr(model, "parameters") else []
+    digest = hashlib.sha256(str(sum(p.numel() for p in params)).encode())
+    for param in params[:n_tensors] + params[-n_tensors:]:
+        values = param.detach().reshape(-1)[:n_values].float().cpu().numpy().tobytes()
+        digest.update(values)
+    return digest.hexdigest()[:12]
+
+
+def clip_text_encoder(model: Any, device: str | torch.device | None = None, truncate: bool = True) -> TextEncoder:
     """A text encoder ``words -> [n, d]`` from a model exposing ``encode_text`` and ``tokenizer``.
 
     Works on a ``HookedVisionModel`` over an open_clip model, or on an open_clip model with a tokenizer
-    passed as ``model.tokenizer``.
+    passed as ``model.tokenizer``. ``truncate``: for open_clip CLIP text towers with a causal mask and EOT
+    ("argmax") pooling, run only the first ``L`` context positions (``L`` = longest prompt in the batch) instead
+    of all 77: the pooled EOT feature depends on earlier positions only, so the result is the same (checked
+    against the full forward on the first call; falls back when it differs) and short words cost ~10x less.
     """
     encode_text = getattr(model, "encode_text", None)
     tokenizer = getattr(model, "tokenizer", None)
@@ -64,15 +78,48 @@ def clip_text_encoder(model: Any, device: str | torch.device | None = None) -> T
     if device is None:
         param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         device = param.device if param is not None else "cpu"
+    inner = getattr(model, "model", model)
+    state = {"truncate": truncate and _truncatable(inner), "checked": False}
 
     def encode(words: Sequence[str]) -> Tensor:
         tokens = tokenizer(list(words))
         if isinstance(tokens, Tensor):
             tokens = tokens.to(device)
         with torch.no_grad():
+            if state["truncate"] and isinstance(tokens, Tensor):
+                fast = _encode_truncated(inner, tokens)
+                if not state["checked"]:
+                    full = encode_text(tokens[:4]).float()
+                    state["checked"] = True
+                    if not torch.allclose(fast[:4], full, rtol=1e-3, atol=1e-4):
+                        state["truncate"] = False
+                        return encode_text(tokens).float()
+                return fast
             return encode_text(tokens).float()
 
     return encode
+
+
+def _truncatable(clip: Any) -> bool:
+    needed = ("token_embedding", "positional_embedding", "attn_mask", "transformer", "ln_final", "encode_text")
+    return (
+        all(hasattr(clip, name) for name in needed)
+        and getattr(clip, "text_pool_type", None) == "argmax"
+        and isinstance(getattr(clip, "attn_mask", None), Tensor)
+    )
+
+
+def _encode_truncated(clip: Any, tokens: Tensor) -> Tensor:
+    """``clip.encode_text`` on the first L positions only (positional embedding and causal mask cut to L)."""
+    length = int(tokens.argmax(dim=-1).max()) + 1  # the EOT token has the largest id
+    positional, mask = clip.positional_embedding, clip.attn_mask
+    try:
+        clip.positional_embedding = torch.nn.Parameter(positional.detach()[:length], requires_grad=False)
+        clip.attn_mask = mask[:length, :length]
+        return clip.encode_text(tokens[:, :length]).float()
+    finally:
+        clip.positional_embedding = positional
+        clip.attn_mask = mask
 
 
 def embed_texts(
@@ -228,7 +275,8 @@ def name_concepts(
     Text embeddings come from, in order: ``text_embeddings`` (``[n_words, d]``, aligned with the vocabulary),
     ``text_encoder`` (a callable ``list[str] -> [n, d]``) or ``model`` (a CLIP-family model with ``encode_text``
     and ``tokenizer``). Embeddings from an encoder are cached on disk under ``model_spec`` (default: the model's
-    spec; with a bare ``text_encoder`` and no ``model_spec`` nothing is cached).
+    spec plus a fingerprint of its weights; with a bare ``text_encoder`` and no ``model_spec`` nothing is
+    cached).
     """
     words = load_vocabulary(vocabulary)
     if not words:
@@ -239,7 +287,7 @@ def name_concepts(
             if model is None:
                 raise ValueError("give one of text_embeddings, text_encoder or model")
             text_encoder = clip_text_encoder(model)
-            spec = spec or model_spec_of(model)
+            spec = spec or f"{model_spec_of(model)}@{weights_fingerprint(model)}"
         if spec is None:
             text_embeddings = embed_texts(words, text_encoder, batch_size=batch_size, template=template)
         else:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae_vision_ext.evals.compare import MethodSpec, msae_k_levels
+from sae_vision_ext.evals.compare import FAMILIES, MethodSpec, msae_k_levels
 
 MAIN_COLUMNS = [
     ("method", "method"), ("k_inference", "k"), ("l0", "L0"), ("fraction_zero", "frac. zero"), ("fvu", "FVU"),
@@ -422,7 +422,8 @@ def _markdown(payload: dict[str, Any], fvu_plot: Path, stability_plot: Path | No
         "dead = fraction of latents firing on fewer than 10^-5.5 of the test rows; CKNNA (top-10 mutual neighbours) "
         "between original and reconstructed rows; probe KL (nats) and agreement of the linear probe on the "
         "reconstruction vs the original; coherence = mean over atoms of the largest |cos| with another atom; "
-        "atom-data dist. = mean over atoms of 1 - max cos with a test row. MSAE rows at k = relu use ReLU latents only.",
+        "atom-data dist. = mean over atoms of 1 - max cos with a test row. MSAE rows at k = relu use ReLU latents only. "
+        "train s = wall-clock training time, which depends on the machine's load as much as on the method.",
         "",
         markdown_table(payload["results"], MAIN_COLUMNS),
         "",
@@ -472,10 +473,6 @@ _EPILOG = """examples:
 """
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.replace(",", " ").split()]
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``sae-vision report``."""
     parser = subparsers.add_parser(
@@ -499,10 +496,10 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (seconds; what the tests run)")
     parser.add_argument("--max-rows", type=int, default=None)
     parser.add_argument("--d-sae", type=int, default=None)
-    parser.add_argument("--topk-ks", type=_ints, default=None, help='k values of the TopK SAEs, e.g. "8 16 32"')
+    parser.add_argument("--topk-ks", type=int, nargs="+", default=None, help="k values of the TopK SAEs, e.g. 8 16 32")
     parser.add_argument("--k", type=int, default=None, help="k of BatchTopK, A-SAE, RA-SAE and stability runs")
     parser.add_argument("--msae-k-min", type=int, default=None, help="first MSAE level (then doubled to d_sae)")
-    parser.add_argument("--inference-ks", type=_ints, default=None, help="inference k values for MSAE")
+    parser.add_argument("--inference-ks", type=int, nargs="+", default=None, help="inference k values for MSAE")
     parser.add_argument("--n-train-rows", type=int, default=None, help="rows seen by each SAE in training")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
@@ -510,7 +507,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-candidates", type=int, default=None, help="k-means candidates for A-SAE / RA-SAE")
     parser.add_argument("--delta", type=float, default=None, help="RA-SAE relaxation bound")
     parser.add_argument("--stability-seeds", type=int, default=None, help="runs per stability protocol (0 = skip)")
-    parser.add_argument("--families", nargs="+", default=None, help="subset of the SAE families to train")
+    parser.add_argument("--families", nargs="+", default=None, choices=[f for f in FAMILIES if f != "topk_centroids"],
+                        help="subset of the SAE families to train (default: all)")
     parser.add_argument("--labels", default=None, help=".pt tensor of class labels for the downstream probe")
     parser.add_argument("--no-standardize", action="store_true", help="train on raw rows (not centred)")
     parser.add_argument("--seed", type=int, default=None)

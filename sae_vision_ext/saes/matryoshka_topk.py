@@ -16,11 +16,13 @@ weights. A level with k = d_sae is the plain ReLU level. No L1 term, no auxiliar
 This is not SAELens's ``matryoshka_batchtopk`` (Bussmann et al.: nested dictionary prefixes); the architecture
 name here is ``matryoshka_topk``.
 
-Training forward (``nested_topk_reconstructions``): one encoder pass and one ``topk`` serve every level.
-Because the supports are nested, level i is level i-1 plus the latents of ranks k_{i-1}..k_i ("band"), so the
-bands are decoded once each instead of h dense decodes. Small bands use a gather decode (``embedding_bag``),
-large bands a masked dense matmul, and every level with k at least the largest number of positive latents in
-the batch is identical to the ReLU level and reuses its single dense decode.
+Training forward (``nested_topk_reconstructions``): one encoder pass and one chain of ``topk`` calls serve every
+level. Every level with k at least the largest number of positive latents in a row of the batch equals the ReLU
+level and reuses its single dense decode. Because the supports are nested, the other levels are built from
+their neighbours: level i = level i-1 + the latents of ranks k_{i-1}..k_i ("head" band), or level i+1 minus the
+positive latents of ranks k_i..k_{i+1} ("tail"); narrow bands are decoded by gathering decoder rows, and a level
+whose bands would be wide is decoded as one masked dense matmul. A cost model picks the cheapest plan per batch;
+all plans give the same values and gradients as h independent dense decodes (tested).
 
 Decoder norm: with ``normalize_decoder`` the training SAE decodes with D = W_dec / ||W_dec|| (row-wise) and
 renormalises W_dec in place at the start of every training step. SAELens's ``SAETrainer`` has no hook around
@@ -53,11 +55,12 @@ from torch import nn
 
 ARCHITECTURE_NAME = "matryoshka_topk"
 
-# Cost model of the nested decode (forward + backward), in units of one dense-matmul row of the decoder:
-# decoding one gathered latent costs GATHER_COST rows (embedding_bag is memory-bound), a masked dense level
-# DENSE_LEVEL_COST * d_sae rows (the matmuls plus building the mask). Measured with benchmarks/msae_step.py.
-GATHER_COST = 16.0
-DENSE_LEVEL_COST = 1.3
+# Cost model of the nested decode (forward + backward, per batch row), in units of one latent of a dense masked
+# level: a dense level costs DENSE_LEVEL_COST * d_sae (three matmuls plus the mask), one gathered latent
+# GATHER_COST (gathers are memory-bound and the sampled matmul of the backward is not vectorised). Measured on a
+# 2-core AVX-512 CPU with torch 2.14 (see the issue-3 note); only the plan choice depends on them.
+GATHER_COST = 8.0
+DENSE_LEVEL_COST = 1.0
 # gathers run over column tiles of the decoder this wide, so the rows they touch stay in the L2 cache (0: no tiles)
 DECODE_TILE_WIDTH = 64
 
@@ -307,7 +310,8 @@ def nested_topk_reconstructions(
     if rows:
         flat_rows, flat_cols, bag_sizes = torch.cat(rows), torch.cat(cols), torch.cat(sizes)
         offsets = torch.cat([bag_sizes.new_zeros(1), bag_sizes.cumsum(0)[:-1]])
-        out = gather_decode(acts[flat_rows, flat_cols], decoder, flat_cols, offsets)
+        weights = acts.reshape(-1).index_select(0, flat_rows * n + flat_cols)
+        out = gather_decode(weights, decoder, flat_cols, offsets)
         if head:
             gathered = list(out[: B * len(head)].view(B, len(head), -1).unbind(1))
         if tail:
@@ -330,8 +334,8 @@ def plan_nested_decode(
 ) -> list[str]:
     """Choose "head" / "tail" / "dense" per level to minimise the estimated cost (see module constants).
 
-    Costs in dense-matmul rows per batch row: head = GATHER_COST * band width, tail = GATHER_COST * mean number
-    of positive latents between the level and the next one, dense = DENSE_LEVEL_COST * n. A tail level needs the
+    Costs per batch row: head = GATHER_COST * band width, tail = GATHER_COST * mean number of positive latents
+    between the level and the next one, dense = DENSE_LEVEL_COST * n. A tail level needs the
     level above it and a head level the one below, so a "tail" level directly below a "head" one is not allowed.
     """
     m = len(partial)
@@ -442,7 +446,7 @@ class _GatherDecode(torch.autograd.Function):
             grad_weights = grad_weights.values()
         if ctx.needs_input_grad[1]:
             # grad_decoder[j] = sum_{e: indices[e] = j} weights[e] * grad_out[bag(e)]: a bag sum per latent
-            order = torch.argsort(indices)
+            order = torch.argsort(indices.int() if decoder.shape[0] < 2**31 else indices)
             bag_sizes = torch.diff(offsets, append=offsets.new_tensor([n_entries]))
             bag_of_entry = torch.repeat_interleave(torch.arange(n_bags, device=offsets.device), bag_sizes)
             per_latent = torch.bincount(indices, minlength=decoder.shape[0])
@@ -695,6 +699,21 @@ class _MatryoshkaTopKMixin:
         self.cfg.normalize_activations = "none"
 
 
+class _RemoveRadialGradient(torch.autograd.Function):
+    """Identity on unit-norm decoder rows w whose backward drops the gradient component along w:
+    g -> g - (g . w) w, the authors' radial gradient removal (= the gradient of w / ||w|| at ||w|| = 1)."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.save_for_backward(weight)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad - (grad * weight).sum(-1, keepdim=True) * weight
+
+
 class MatryoshkaTopKSAE(_MatryoshkaTopKMixin, SAE[MatryoshkaTopKSAEConfig]):
     """Inference Matryoshka SAE: ``encode(x)`` gives ReLU latents, ``encode(x, k=64)`` TopK latents,
     ``reconstructions(x, ks=[16, 64, 256, None])`` several reconstructions at once. Takes raw activations."""
@@ -764,7 +783,11 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
         target = self._prepare_input(raw)
         hidden_pre = self._hidden_pre(target)
         z = self.hook_sae_acts_post(F.relu(hidden_pre))
-        decoder, row_norms = self._decoder_and_row_norms()
+        if self.cfg.normalize_decoder:
+            # W_dec has unit rows now, so W_dec / ||W_dec|| = W_dec; this gives the same gradient, (I - w w^T) g
+            decoder, row_norms = _RemoveRadialGradient.apply(self.W_dec), None
+        else:
+            decoder, row_norms = self._decoder_and_row_norms()
         levels = self.cfg.k_levels
         decoded = self.nested_decode(z, decoder, levels, scores=self._topk_scores(z, row_norms))
         recons = [self.hook_sae_recons(y + self.b_dec) for y in decoded]

@@ -531,6 +531,11 @@ class VisionSAETrainingRunner:
             raise RuntimeError("none of the evaluation images could be read")
         return rows, "held-out images"
 
+    def _buffer_rows(self) -> int:
+        """The mixing buffer, capped at the run's length: a larger one would only delay the first step."""
+        cfg = self.cfg
+        return max(cfg.train_batch_size_rows, min(cfg.buffer_size_rows, cfg.training_rows))
+
     def _make_store(self, train_images: Any, position: dict | None):
         cfg = self.cfg
         if cfg.use_cached_activations:
@@ -542,7 +547,7 @@ class VisionSAETrainingRunner:
         return ImageActivationStore(
             source,
             cfg.train_batch_size_rows,
-            buffer_rows=cfg.buffer_size_rows,
+            buffer_rows=self._buffer_rows(),
             mix_fraction=cfg.activations_mixing_fraction,
             images_per_segment=cfg.images_per_segment,
             seed=cfg.seed,
@@ -556,6 +561,7 @@ class VisionSAETrainingRunner:
         out = {k: cfg_dict.get(k) for k in RESUME_KEYS}
         sae = cfg_dict["sae"]
         out["sae"] = {k: sae.get(k) for k in ("architecture", "d_in", "d_sae")}
+        out["effective_buffer_rows"] = self._buffer_rows()
         return json.loads(json.dumps(out, default=str))
 
     def _commit_checkpoint(self, checkpoint_path: Path | None) -> None:

@@ -45,6 +45,8 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
+from sae_vision_ext.analysis.splice import SAESplicingMixin
+
 BLOCK_HOOKS_FULL = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 BLOCK_HOOKS_COARSE = ("hook_resid_pre", "hook_resid_post")
 TOKEN_SELECTIONS = ("cls", "registers", "prefix", "patches", "all")
@@ -179,7 +181,7 @@ def _layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-class HookedVisionModel(HookedRootModule):
+class HookedVisionModel(SAESplicingMixin, HookedRootModule):
     """TransformerLens-style hooked ViT over an unmodified timm / open_clip model.
 
     Build one with :func:`sae_vision_ext.vision.load.load_vision_model` or :meth:`wrap`. Subclasses
