@@ -5,6 +5,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+import torch  # noqa: E402
+
+# The tests use tiny models: one thread avoids thread start-up and oversubscription costs on small ops.
+torch.set_num_threads(1)
+
 
 import pytest  # noqa: E402
 

@@ -120,3 +120,34 @@ def test_shard_assignment_is_disjoint_and_covering():
     for world in (1, 2, 3, 8):
         parts = [assign_shards(todo, r, world) for r in range(world)]
         assert sorted(i for p in parts for i in p) == todo
+
+
+def test_sae_vision_cache_under_torchrun_equals_a_single_process_run(tmp_path):
+    """``torchrun --nproc_per_node 2 -m sae_vision_ext.cli cache ...`` writes the cache ``sae-vision cache`` writes."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    args = ["cache", "--dataset", str(folder), "--model", "timm:vit_tiny_patch16_224", "--random-init",
+            "--img-size", "32", "--hook", HOOK, "--tokens", "all", "--model-batch-size", "2", "--workers", "0",
+            "--device", "cpu", "--seed", "3", "--images", "14", "--shard-images", "4", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for command in ([*launch, "-m", "sae_vision_ext.cli", *args, "--output", str(tmp_path / "ddp")],
+                    [sys.executable, "-m", "sae_vision_ext.cli", *args, "--output", str(tmp_path / "single")]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("cache: ") == 1  # the summary is printed by rank 0 only
+    ddp, single = CachedActivations(tmp_path / "ddp"), CachedActivations(tmp_path / "single")
+    assert not (tmp_path / "ddp.incomplete").exists()
+    assert ddp.n_rows == single.n_rows == 14 * single.context_size
+    assert sorted(os.listdir(ddp.path)) == sorted(os.listdir(single.path))
+    for key in ("n_images", "n_images_ok", "n_images_failed", "n_shards", "n_rows", "hook_widths"):
+        assert ddp.metadata[key] == single.metadata[key], key
+    np.testing.assert_allclose(_rows(ddp), _rows(single), rtol=1e-5, atol=1e-5)

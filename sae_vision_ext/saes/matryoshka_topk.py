@@ -855,8 +855,10 @@ __all__ = [
     "MatryoshkaTopKTrainingSAEConfig",
     "default_k_levels",
     "estimate_input_standardization",
+    "gather_decode",
     "level_weights",
     "naive_topk_reconstructions",
     "nested_topk_reconstructions",
+    "plan_nested_decode",
     "validate_k_levels",
 ]

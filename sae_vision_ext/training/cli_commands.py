@@ -248,16 +248,24 @@ def run_train(args: argparse.Namespace) -> int:
 
 @_friendly
 def run_cache(args: argparse.Namespace) -> int:
+    """``sae-vision cache``; under ``torchrun`` the shards are split over the ranks (one cache, committed once)."""
     from sae_vision_ext.training.config import VisionSAERunnerConfig
+    from sae_vision_ext.training.distributed import destroy_distributed, init_distributed
     from sae_vision_ext.training.runner import cache_activations
 
-    data = config_dict_from_args(args)
-    data.update(sae=None, use_cached_activations=False, cached_activations_path=None)
-    cfg = VisionSAERunnerConfig.from_dict(data)
-    cache = cache_activations(cfg, args.output, args.images, overwrite=args.overwrite, progress=not args.quiet)
-    meta = cache.metadata
-    print(f"cache: {cache.path}\n  rows: {meta['n_rows']:,} ({meta['context_size']} per image) | hooks: "
-          f"{meta['hook_widths']} | images read: {meta['n_images_ok']:,} | skipped: {meta['n_images_failed']:,}")  # fmt: skip
+    context = init_distributed()
+    try:
+        data = config_dict_from_args(args)
+        data.update(sae=None, use_cached_activations=False, cached_activations_path=None)
+        cfg = VisionSAERunnerConfig.from_dict(data)
+        cache = cache_activations(cfg, args.output, args.images, overwrite=args.overwrite, progress=not args.quiet)
+        meta = cache.metadata
+        if context.is_main:
+            print(f"cache: {cache.path}\n  rows: {meta['n_rows']:,} ({meta['context_size']} per image) | hooks: "
+                  f"{meta['hook_widths']} | images read: {meta['n_images_ok']:,} | "
+                  f"skipped: {meta['n_images_failed']:,}")  # fmt: skip
+    finally:
+        destroy_distributed()
     return 0
 
 

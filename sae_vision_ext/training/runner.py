@@ -891,12 +891,25 @@ def cache_activations(
     m = max(cfg.model_batch_size, cfg.images_per_shard // cfg.model_batch_size * cfg.model_batch_size)
     writer = ActivationCacheWriter(path, n_images, m, settings, metadata=metadata, dtype=cfg.cache_dtype,
                                    seed=cfg.seed, overwrite=overwrite)  # fmt: skip
-    todo = writer.prepare()
-    done = writer.n_shards - len(todo)
-    if done:
-        say(f"resuming the cache in {writer.work}: {done} of {writer.n_shards} shards already written")
-    bar = tqdm(total=n_images, unit="img", desc="caching activations", disable=not progress, dynamic_ncols=True)
-    bar.update(sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in range(writer.n_shards) if i not in todo))
+    from sae_vision_ext.training.distributed import current_context
+
+    context = current_context()
+    if context.is_distributed:  # torchrun: rank 0 lists the missing shards, each rank writes its share
+        from sae_vision_ext.activations.distributed_cache import claim_shards
+
+        todo = claim_shards(writer, context)
+        if not context.is_main:
+            say, progress = (lambda msg: None), False
+        bar = tqdm(total=sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in todo), unit="img",
+                   desc=f"caching activations (rank 0 of {context.world_size})", disable=not progress,
+                   dynamic_ncols=True)  # fmt: skip
+    else:
+        todo = writer.prepare()
+        done = writer.n_shards - len(todo)
+        if done:
+            say(f"resuming the cache in {writer.work}: {done} of {writer.n_shards} shards already written")
+        bar = tqdm(total=n_images, unit="img", desc="caching activations", disable=not progress, dynamic_ncols=True)
+        bar.update(sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in range(writer.n_shards) if i not in todo))
     runs: list[list[int]] = []
     for index in todo:
         if runs and runs[-1][-1] == index - 1:
@@ -929,7 +942,12 @@ def cache_activations(
                 chunks.close()
     finally:
         bar.close()
-    cache = writer.commit()
+    if context.is_distributed:
+        from sae_vision_ext.activations.distributed_cache import commit_distributed
+
+        cache = commit_distributed(writer, context)
+    else:
+        cache = writer.commit()
     meta = cache.metadata
     say(f"cache written: {cache.path} ({meta['n_rows']:,} rows of {meta['hook_widths']}, "
         f"{meta['n_images_ok']:,} images read, {meta['n_images_failed']:,} skipped)")  # fmt: skip
