@@ -7,6 +7,6 @@ stability       match_dictionaries, stability (Hungarian matching of atoms)
 synthetic       sparse_dictionary_data, hierarchical_data, identifiability; ``sae-vision synthetic``
 compare         MethodSpec, train_method, evaluate_all (every metric for one SAE), evaluate_trained
 report          ReportConfig, run_report; ``sae-vision report``
-train           train_on_rows (SAELens SAETrainer on in-memory rows), to_inference_sae
+train           train_in_memory (SAELens SAETrainer on in-memory rows), to_inference_sae
 data            load_rows (synthetic data, .pt/.npy/.safetensors files, cached-activation folders)
 """

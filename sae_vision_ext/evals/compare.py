@@ -142,11 +142,11 @@ def train_method(
     candidates_path: str | Path | None = None,
 ) -> TrainedSAE:
     """Train ``spec`` on ``x_train`` with SAELens's trainer, save the inference SAE to ``out_dir/name``, load it."""
-    from sae_vision_ext.evals.train import to_inference_sae, train_on_rows
+    from sae_vision_ext.evals.train import to_inference_sae, train_in_memory
 
     start = time.perf_counter()
     training_sae = build_training_sae(spec, x_train.shape[1], d_sae, candidates_path)
-    training_sae = train_on_rows(
+    training_sae = train_in_memory(
         None, x_train, n_rows=n_train_rows, batch_size=batch_size, lr=spec.lr, seed=spec.seed, sae=training_sae
     )
     seconds = time.perf_counter() - start

@@ -37,7 +37,7 @@ def shuffled_batches(rows: Tensor, batch_size: int, seed: int = 0) -> Iterator[T
             yield rows[order[start : start + batch_size]]
 
 
-def train_on_rows(
+def train_in_memory(
     sae_cfg: Any,
     rows_iter: Iterator[Tensor] | Tensor,
     n_rows: int,
