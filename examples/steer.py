@@ -41,7 +41,6 @@ def parse_args(argv=None):
 
 
 def load_model(args):
-    from sae_vision_ext.analysis.splice import enable_sae_splicing
     from sae_vision_ext.analysis.toy import tiny_clip
     from sae_vision_ext.vision.load import load_vision_model
 
@@ -51,11 +50,11 @@ def load_model(args):
     if not args.random_init:
         try:
             model, preprocess = load_vision_model(args.model, pretrained=True)
-            return enable_sae_splicing(model), preprocess, "pretrained weights"
+            return model, preprocess, "pretrained weights"
         except RuntimeError as err:
             print(f"note: {err}\n      -> using a RANDOM INIT of the same architecture; numbers are meaningless")
     model, preprocess = load_vision_model(args.model, pretrained=False)
-    return enable_sae_splicing(model), preprocess, "random init"
+    return model, preprocess, "random init"
 
 
 def demonstration_sae(model, concept):

@@ -17,28 +17,6 @@ EPILOG = """examples:
 """
 
 
-def synthetic_rows(n_rows, d_in, n_features, active, offset, scale, seed):
-    """Rows = sum of ``active`` random unit features (fixed dictionary) with magnitudes in [0.5, 1.5)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    features = torch.nn.functional.normalize(torch.randn(n_features, d_in, generator=g), dim=-1)
-    codes = torch.zeros(n_rows, n_features)
-    idx = torch.rand(n_rows, n_features, generator=g).topk(active, dim=-1).indices
-    codes.scatter_(-1, idx, 0.5 + torch.rand(n_rows, active, generator=g))
-    return (codes @ features) * scale + offset
-
-
-def batches(data, batch_size, seed=0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(data.shape[0], generator=g)
-        for start in range(0, data.shape[0] - batch_size + 1, batch_size):
-            yield data[order[start : start + batch_size]]
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -74,12 +52,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     import sae_vision_ext  # noqa: F401  (registers matryoshka_topk)
     from sae_vision_ext.evals.reconstruction import cosine_similarity, fraction_zero, fvu, l0
+    from sae_vision_ext.evals.synthetic import sparse_dictionary_data
+    from sae_vision_ext.evals.train import shuffled_batches
     from sae_vision_ext.saes.matryoshka_topk import MatryoshkaTopKTrainingSAE, MatryoshkaTopKTrainingSAEConfig
 
     torch.manual_seed(args.seed)
-    data = synthetic_rows(
-        args.rows, args.d_in, args.n_features, args.active, args.offset, args.scale, seed=args.seed
-    )
+    synthetic = sparse_dictionary_data(args.rows, args.d_in, args.n_features, args.active, seed=args.seed)
+    data = synthetic.x * args.scale + args.offset
     n_test = max(args.rows // 10, 1)
     train_rows, test_rows = data[:-n_test], data[-n_test:]
     k_levels = args.k_levels or [k for k in (1, 2, 4, 8, 16) if k < args.d_sae] + [args.d_sae]
@@ -93,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     sae = MatryoshkaTopKTrainingSAE(cfg)
     if args.standardize:
-        mean, scale = sae.fit_input_standardization(batches(train_rows, 1024, seed=1), n_batches=8)
+        mean, scale = sae.fit_input_standardization(shuffled_batches(train_rows, 1024, seed=1), n_batches=8)
         print(f"input standardisation: |mu| = {mean.norm():.3f}, s = {scale:.4g} ({cfg.standardize_scale})")
     trainer_cfg = SAETrainerConfig(
         total_training_samples=args.steps * args.batch_size,
@@ -106,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"weighting={cfg.level_weighting} loss={cfg.reconstruction_loss} steps={args.steps} batch={args.batch_size}"
     )
     start = time.perf_counter()
-    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches(train_rows, args.batch_size, args.seed)).fit()
+    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=shuffled_batches(train_rows, args.batch_size, args.seed)).fit()
     print(f"trained in {time.perf_counter() - start:.1f} s")
 
     ks = sorted({*cfg.k_levels, *(k for k in (3, 6, 12) if k < args.d_sae)}) + [None]

@@ -48,15 +48,6 @@ def parse_args(argv=None):
     return args
 
 
-def synthetic_rows(args, seed=1234):
-    g = torch.Generator().manual_seed(seed)
-    concepts = torch.nn.functional.normalize(torch.randn(args.n_concepts, args.d, generator=g), dim=1)
-    idx = torch.rand(args.rows, args.n_concepts, generator=g).argsort(dim=1)[:, : args.active]
-    coef = torch.zeros(args.rows, args.n_concepts).scatter_(1, idx, torch.rand(args.rows, args.active, generator=g) + 0.5)
-    x = coef @ concepts + 0.02 * torch.randn(args.rows, args.d, generator=g)
-    return x, concepts
-
-
 def train(sae, x, args, seed):
     from sae_lens import LoggingConfig
     from sae_lens.config import SAETrainerConfig
@@ -93,7 +84,10 @@ def main(argv=None) -> int:
     from sae_vision_ext.training.candidates import compute_candidates, rows_from_array
 
     t0 = time.perf_counter()
-    x, concepts = synthetic_rows(args)
+    from sae_vision_ext.evals.synthetic import sparse_dictionary_data
+
+    data = sparse_dictionary_data(args.rows, args.d, args.n_concepts, args.active, noise_std=0.02, seed=1234)
+    x, concepts = data.x, data.atoms
     print(f"data: {args.rows} rows, d={args.d}, {args.n_concepts} concepts, {args.active} active per row")
     results: dict[str, list] = {"ra_sae": [], "topk_centroids": []}
     for seed in args.seeds:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformer_lens.hook_points import HookPoint
 
-from sae_vision_ext.analysis.splice import SAESplicingMixin, enable_sae_splicing
+from sae_vision_ext.analysis.splice import SAESplicingMixin
 from sae_vision_ext.analysis.toy import make_sae, synthetic_images, tiny_clip, tiny_timm_vit
 
 HOOK = "blocks.0.hook_resid_post"
@@ -167,8 +167,6 @@ def test_readable_errors(clip):
 def test_hooked_vision_model_splices_natively():
     base, preprocess = tiny_clip(seed=1)
     assert isinstance(base, SAESplicingMixin)
-    cls = type(base)
-    assert enable_sae_splicing(base) is base and type(base) is cls
     images = torch.stack([preprocess(image) for image in synthetic_images(2, seed=3)])
     sae = make_sae(base.cfg.d_model, 16, HOOK, seed=10)
     with torch.no_grad():

@@ -3,7 +3,7 @@
 Modules (each imported on first use of one of its names here):
 
 - ``splice``: ``SAESplicingMixin`` (``add_sae``, ``saes()``, ``run_with_saes``, ``run_with_cache_with_saes``,
-  ``reset_saes``), ``enable_sae_splicing(model)``
+  ``reset_saes``), a base class of ``HookedVisionModel``
 - ``steering``: ``steer(model, sae, latents, mode, value, tokens)`` context manager, ``steer_vectors``,
   ``latent_directions``
 - ``concepts``: ``name_concepts(sae, vocabulary, model=...)`` (MSAE concept naming), text-embedding cache
@@ -22,7 +22,6 @@ from typing import Any
 
 _LAZY = {
     "SAESplicingMixin": "splice",
-    "enable_sae_splicing": "splice",
     "steer": "steering",
     "steer_vectors": "steering",
     "latent_directions": "steering",

@@ -661,7 +661,6 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("the SAE's metadata has no model_name; pass --model SPEC")
         if TINY_CLIP_ARCH in spec:
             register_tiny_clip_config()
-        from sae_vision_ext.analysis.splice import enable_sae_splicing
         from sae_vision_ext.vision.load import load_vision_model
 
         image_size = getattr(sae.cfg.metadata, "image_size", None)
@@ -670,7 +669,6 @@ def run(args: argparse.Namespace) -> int:
             spec, pretrained=not args.no_pretrained, device=args.device, weights=args.weights,
             img_size=img_size if img_size else None,
         )
-        model = enable_sae_splicing(model)
     names = None
     if args.name_concepts:
         from sae_vision_ext.analysis.concepts import name_concepts

@@ -330,22 +330,3 @@ class SAESplicingMixin:
         """``run_with_hooks`` with ``saes`` attached."""
         with self.saes(saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term, tokens=tokens):
             return self.run_with_hooks(*model_args, fwd_hooks=list(fwd_hooks), **kwargs)
-
-
-_SPLICEABLE_CLASSES: dict[type, type] = {}
-
-
-def enable_sae_splicing(model: Any) -> Any:
-    """Give an existing hooked model the :class:`SAESplicingMixin` methods (in place; returns the model).
-
-    A no-op when the model's class already derives from the mixin (as ``HookedVisionModel`` is meant to);
-    otherwise the instance's class is swapped for a subclass ``(SAESplicingMixin, type(model))``, which adds
-    methods and no state, so nothing else about the model changes.
-    """
-    if isinstance(model, SAESplicingMixin):
-        return model
-    cls = type(model)
-    if cls not in _SPLICEABLE_CLASSES:
-        _SPLICEABLE_CLASSES[cls] = type(f"Spliceable{cls.__name__}", (SAESplicingMixin, cls), {"__module__": cls.__module__})
-    model.__class__ = _SPLICEABLE_CLASSES[cls]
-    return model

@@ -41,7 +41,6 @@ def register_tiny_clip_config() -> str:
 def _quiet_load(spec: str, **kwargs: Any) -> tuple[Any, Any]:
     import logging
 
-    from sae_vision_ext.analysis.splice import enable_sae_splicing
     from sae_vision_ext.vision.load import load_vision_model
 
     root = logging.getLogger()
@@ -51,7 +50,7 @@ def _quiet_load(spec: str, **kwargs: Any) -> tuple[Any, Any]:
         model, preprocess = load_vision_model(spec, pretrained=False, **kwargs)
     finally:
         root.setLevel(level)
-    return enable_sae_splicing(model), preprocess
+    return model, preprocess
 
 
 def tiny_clip(seed: int = 0) -> tuple[Any, Any]:
