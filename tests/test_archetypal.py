@@ -122,6 +122,32 @@ def test_constraints_hold_with_any_torch_optimizer():
         assert_constraints(sae.archetypal)
 
 
+def test_trainer_adam_switches_to_the_fused_kernel_with_the_same_update():
+    """SAETrainer's plain Adam becomes fused for the group holding W (same update up to rounding); an
+    optimiser that chose its kernel is left alone; the fused state survives a save / load."""
+    torch.manual_seed(0)
+    sae = make_sae(delta=0.3)
+    chosen = make_sae(delta=0.3)
+    chosen.load_state_dict(sae.state_dict())
+    trainer = trainer_for(sae, 3)
+    own = torch.optim.Adam(chosen.parameters(), lr=3e-2, foreach=False)
+    for x in batches(3):
+        trainer.step(x)
+        out = chosen.training_forward_pass(TrainStepInput(x, {}, None, 0, False))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(chosen.parameters(), 1.0)
+        own.step()
+        own.zero_grad()
+    assert [g["fused"] for g in trainer.optimizer.param_groups] == [True]
+    assert [g["fused"] for g in own.param_groups] == [None]
+    for name, value in sae.state_dict().items():
+        torch.testing.assert_close(value, chosen.state_dict()[name], atol=1e-5, rtol=1e-4, msg=name)
+    resumed = torch.optim.Adam(sae.parameters(), lr=3e-2)
+    resumed.load_state_dict(trainer.optimizer.state_dict())
+    assert resumed.param_groups[0]["fused"] is True
+    resumed.step()  # fused state loads and steps
+
+
 def test_delta_zero_is_a_sae_and_trains_without_nan():
     for sae in (make_sae(delta=0.0), make_sae(cls=ASAETrainingSAE, cfg_cls=ASAETrainingSAEConfig)):
         assert sae.archetypal.Lambda is None and sae.cfg.delta == 0

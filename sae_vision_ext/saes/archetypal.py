@@ -29,7 +29,8 @@ Cost: D costs 2 d_sae n' d_in FLOPs forward and as much backward. It is computed
 (``training_forward_pass`` / ``forward`` hold one D for the encoder's norm rescale, the decoder and the TopK
 auxiliary loss) and, outside training, cached without a graph; the cache key holds identity, storage and
 version counter of every tensor D depends on, so optimiser steps, ``load_state_dict``, ``.to()`` and folds
-invalidate it.
+invalidate it. W (d_sae x n' entries) also dominates the optimiser: a global pre-step hook switches an Adam
+group holding W to PyTorch's fused kernel when the caller chose no kernel (SAELens's trainer does not).
 
 The archetypal part only replaces the decoder matrix: :class:`ArchetypalDecoderMixin` turns any SAELens SAE
 class whose code reads ``self.W_dec`` into an archetypal one (RA-SAE = mixin + SAELens TopK; the
@@ -60,7 +61,7 @@ import torch
 from sae_lens.saes.sae import SAE, SAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from typing_extensions import override
 
 DictionaryInit = Literal["identity", "random_candidates"]
@@ -79,10 +80,31 @@ def _project_after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, k
             dictionary.project_()
 
 
+def _fuse_adam_for_dictionaries(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Global optimiser pre-step hook: before its first step, an Adam/AdamW param group holding an archetypal
+    ``W`` switches to PyTorch's fused kernel when the caller chose neither ``foreach`` nor ``fused``.
+
+    W has d_sae x n' entries (123M at the paper's size) and SAELens's ``SAETrainer`` builds a plain
+    ``Adam(sae.parameters())``; on CPU that default is the per-tensor loop, which costs about a third of
+    computing D, the fused kernel a sixth of that (``benchmarks/archetypal_step.py``). Same update rule
+    (rounding aside). Opt out by passing ``foreach=`` or ``fused=`` to the optimiser."""
+    if not _LIVE_DICTIONARIES or type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return
+    mixing = {id(d.W) for d in _LIVE_DICTIONARIES}
+    for group in optimizer.param_groups:
+        if group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable"):
+            continue
+        params = group["params"]
+        if (any(id(p) in mixing for p in params) and not any(p in optimizer.state for p in params)
+                and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)):
+            group["fused"] = True
+
+
 def _ensure_step_hook() -> None:
     global _STEP_HOOK
     if _STEP_HOOK is None:
-        _STEP_HOOK = register_optimizer_step_post_hook(_project_after_optimizer_step)
+        _STEP_HOOK = (register_optimizer_step_pre_hook(_fuse_adam_for_dictionaries),
+                      register_optimizer_step_post_hook(_project_after_optimizer_step))
 
 
 def validate_candidates(candidates: torch.Tensor, d_in: int) -> None:
