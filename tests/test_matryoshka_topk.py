@@ -187,6 +187,28 @@ def test_every_decode_plan_gives_the_same_levels_and_gradients(monkeypatch):
             assert torch.allclose(a, b, atol=1e-10), plan
 
 
+@pytest.mark.parametrize("levels", [[2, 5, 9], [2, 5, 9, 40]])
+def test_nested_decode_gradients_with_rows_short_of_positive_latents(levels):
+    """Rows with fewer positive latents than a partial level (the top-k takes zeros there, the compact table
+    padding); with [2, 5, 9] no level reaches the largest count, so there is no shared dense decode."""
+    torch.manual_seed(6)
+    pre = torch.randn(17, 40, dtype=torch.float64)
+    pre[0] = -1.0
+    pre[0, 7] = 0.5  # one positive latent
+    pre[1] = -1.0
+    pre[1, 10:13] = torch.tensor([0.3, 0.5, 0.4], dtype=torch.float64)  # three positive latents
+    pre.requires_grad_()
+    decoder = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(len(levels), 17, 6, dtype=torch.float64)
+    results = []
+    for fn in (nested_topk_reconstructions, msae_module.naive_topk_reconstructions):
+        outs = fn(F.relu(pre), decoder, levels)
+        total = sum((w * o).sum() for w, o in zip(weights, outs))
+        results.append([o.detach() for o in outs] + list(torch.autograd.grad(total, (pre, decoder))))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
 @pytest.mark.parametrize("tile", [0, 4, 64])
 def test_gather_decode_matches_embedding_bag_with_tiles_and_empty_bags(monkeypatch, tile):
     monkeypatch.setattr(msae_module, "DECODE_TILE_WIDTH", tile)

@@ -262,67 +262,84 @@ def nested_topk_reconstructions(
     All gathered bands of a batch go through a single ``gather_decode`` call.
     """
     levels = list(k_levels)
-    n = acts.shape[-1]
-    if acts.shape[0] == 0:
+    B, n = acts.shape
+    if B == 0:
         return [acts.new_zeros(0, decoder.shape[-1]) for _ in levels]
     with torch.no_grad():
         positive = acts > 0
-        counts = positive.sum(-1)
+        counts = positive.sum(-1, dtype=torch.int32)  # an int32 sum of bools is ~8x faster than int64
         max_active = int(counts.max())
     partial = [k for k in levels if k < max_active]
-    outputs: dict[int, torch.Tensor] = {}
-    full_needed = len(partial) < len(levels)
-    if full_needed:
-        full = acts @ decoder
-        for k in levels[len(partial) :]:
-            outputs[k] = full
     if not partial:
-        return [outputs[k] for k in levels]
-
+        return [acts @ decoder] * len(levels)
+    full_needed = len(partial) < len(levels)
     plan = plan_nested_decode(partial, counts, n, full_available=full_needed)
+
     with torch.no_grad():
-        sets, sorted_indices = _nested_topk_sets(acts if scores is None else scores, partial, plan)
+        # Only positive latents can be in a level's top-k with a non-zero value, so rank them in a compact
+        # [B, max_active] table (its row r lists row r's positive latents, then padding): every topk, mask and
+        # nonzero below runs on that table instead of all n latents. Padding ranks below every positive latent
+        # and stands for latent id n; it is selected only where a row has fewer than k positives, where the
+        # plain top-k would take zeros, and it decodes to nothing.
+        pos_rows, pos_cols = positive.nonzero(as_tuple=True)
+        starts = (counts.cumsum(0, dtype=torch.int64) - counts)[pos_rows]
+        slots = torch.arange(pos_rows.shape[0], device=acts.device) - starts
+        compact_cols = torch.full((B, max_active), n, dtype=torch.int64, device=acts.device)
+        compact_cols[pos_rows, slots] = pos_cols
+        ranked = acts if scores is None else scores
+        compact_scores = torch.full((B, max_active), -1.0, dtype=ranked.dtype, device=acts.device)
+        compact_scores[pos_rows, slots] = ranked[pos_rows, pos_cols]
+        sets, bands = _nested_topk_sets(compact_scores, partial, plan)
 
-    def mask_of(k: int) -> torch.Tensor:
-        return torch.zeros_like(positive).scatter_(-1, sets[k], True)
+    def slot_mask(k: int | None) -> torch.Tensor:
+        """[B, max_active] membership of the top-k (k None: all positive latents)."""
+        if k is None:
+            return compact_cols < n
+        return torch.zeros_like(compact_scores, dtype=torch.bool).scatter_(-1, sets[k], True)
 
-    # every gathered band (head bands and tails) goes through one gather_decode call
-    bounds = [0] + partial
+    # every gathered band (head bands and tails) goes through one _GatherDecode call
     head = [i for i, method in enumerate(plan) if method == "head"]
     tail = [i for i, method in enumerate(plan) if method == "tail"]
     rows, cols, sizes = [], [], []
-    B = acts.shape[0]
-    if head:
-        head_cols = torch.cat([sorted_indices[:, bounds[i] : bounds[i + 1]] for i in head], dim=-1)
-        cols.append(head_cols.reshape(-1))
-        rows.append(torch.arange(B, device=acts.device).repeat_interleave(head_cols.shape[1]))
-        widths = torch.tensor([bounds[i + 1] - bounds[i] for i in head], device=acts.device)
-        sizes.append(widths.repeat(B))
     with torch.no_grad():
-        for i in tail:  # positive latents ranked between k_i and the next level (or all positives)
-            in_upper = mask_of(partial[i + 1]) & positive if i + 1 < len(partial) else positive
-            tail_mask = in_upper & ~mask_of(partial[i])
-            tail_rows, tail_cols = tail_mask.nonzero(as_tuple=True)
-            rows.append(tail_rows)
-            cols.append(tail_cols)
-            sizes.append(tail_mask.sum(-1))
-    gathered: list[torch.Tensor] = []
-    if rows:
-        flat_rows, flat_cols, bag_sizes = torch.cat(rows), torch.cat(cols), torch.cat(sizes)
-        offsets = torch.cat([bag_sizes.new_zeros(1), bag_sizes.cumsum(0)[:-1]])
-        weights = acts.reshape(-1).index_select(0, flat_rows * n + flat_cols)
-        out = gather_decode(weights, decoder, flat_cols, offsets)
         if head:
-            gathered = list(out[: B * len(head)].view(B, len(head), -1).unbind(1))
-        if tail:
-            gathered += list(out[B * len(head) :].view(len(tail), B, -1).unbind(0))
+            head_cols = compact_cols.gather(-1, torch.cat([bands[i] for i in head], dim=-1))
+            cols.append(head_cols.reshape(-1))
+            rows.append(torch.arange(B, device=acts.device).repeat_interleave(head_cols.shape[1]))
+            bounds = [0] + partial
+            sizes.append(torch.tensor([bounds[i + 1] - bounds[i] for i in head], device=acts.device).repeat(B))
+        for i in tail:  # positive latents ranked between k_i and the next level (or all positives)
+            upper = partial[i + 1] if i + 1 < len(partial) else None
+            in_band = slot_mask(upper) & slot_mask(None) & ~slot_mask(partial[i])
+            tail_rows, tail_slots = in_band.nonzero(as_tuple=True)
+            rows.append(tail_rows)
+            cols.append(compact_cols[tail_rows, tail_slots])
+            sizes.append(torch.bincount(tail_rows, minlength=B))
+    if rows:
+        with torch.no_grad():
+            flat_rows, flat_cols, bag_sizes = torch.cat(rows), torch.cat(cols), torch.cat(sizes)
+            padding = flat_cols == n
+            positions = (flat_rows * n + flat_cols).masked_fill_(padding, -1)
+            offsets = torch.cat([bag_sizes.new_zeros(1), bag_sizes.cumsum(0)[:-1]])
+        full, out = _GatherDecode.apply(
+            acts, decoder, positions, flat_cols.masked_fill_(padding, 0), offsets, full_needed
+        )
+        d = decoder.shape[-1]
+        head_out, tail_out = out.split([B * len(head), B * len(tail)])
+        gathered = list(head_out.view(B, len(head), d).unbind(1)) + list(tail_out.view(len(tail), B, d).unbind(0))
+    else:
+        full, gathered = (acts @ decoder if full_needed else None), []
     decoded_band = dict(zip(head + tail, gathered))
+    outputs: dict[int, torch.Tensor] = {k: full for k in levels[len(partial) :]}
 
     for i, k in enumerate(partial):  # bottom-up: head and dense levels
         if plan[i] == "head":
             outputs[k] = decoded_band[i] if i == 0 else outputs[partial[i - 1]] + decoded_band[i]
         elif plan[i] == "dense":
-            outputs[k] = (acts * mask_of(k)) @ decoder
+            with torch.no_grad():
+                ids = compact_cols.gather(-1, sets[k])  # padding is id n: a column dropped after the scatter
+                mask = torch.zeros(B, n + 1, dtype=acts.dtype, device=acts.device).scatter_(-1, ids, 1.0)[:, :n]
+            outputs[k] = (acts * mask) @ decoder
     for i in reversed(tail):  # top-down: tail levels
         upper = outputs[partial[i + 1]] if i + 1 < len(partial) else full
         outputs[partial[i]] = upper - decoded_band[i]
@@ -365,31 +382,34 @@ def plan_nested_decode(
 
 def _nested_topk_sets(
     ranked: torch.Tensor, partial: Sequence[int], plan: Sequence[str]
-) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-    """Index sets {k: [B, k]} of the top-k of ``ranked`` for the sizes the plan needs, from one chain of topk
-    calls (largest first, each on the previous result), so they are nested; plus the rank-sorted indices up to
-    the largest head level (None if there is none)."""
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Index sets {k: [B, k]} of the top-k of ``ranked`` for the sizes the plan needs, and the bands
+    {i: [B, k_i - k_{i-1}]} (latents of ranks k_{i-1}..k_i) of its head levels.
+
+    One chain of unsorted ``topk`` calls, largest k first, each on the previous result (so the sets are nested
+    and only the first call sees all latents); a head level's band is what the next call leaves out.
+    """
     needed = set()
-    sorted_size = 0
     for i, method in enumerate(plan):
-        if method == "head":
-            sorted_size = max(sorted_size, partial[i])
-        else:
-            needed.add(partial[i])
-            if method == "tail" and i + 1 < len(partial):
-                needed.add(partial[i + 1])
-    if sorted_size:
-        needed.add(sorted_size)
+        needed.add(partial[i])
+        if method == "head" and i > 0:
+            needed.add(partial[i - 1])
+        if method == "tail" and i + 1 < len(partial):
+            needed.add(partial[i + 1])
+    head_sizes = {partial[i]: i for i, method in enumerate(plan) if method == "head"}
     sets: dict[int, torch.Tensor] = {}
-    values, indices = ranked, None
-    sorted_indices = None
+    bands: dict[int, torch.Tensor] = {}
+    values, indices, previous = ranked, None, None
     for k in sorted(needed, reverse=True):
-        values, local = torch.topk(values, k, dim=-1, sorted=(k == sorted_size))
+        values, local = torch.topk(values, k, dim=-1, sorted=False)
+        if indices is not None and previous in head_sizes:  # the band of the previous (larger) size
+            left_out = torch.ones(indices.shape, dtype=torch.bool, device=indices.device).scatter_(-1, local, False)
+            bands[head_sizes[previous]] = indices[left_out].view(indices.shape[0], -1)
         indices = local if indices is None else indices.gather(-1, local)
-        sets[k] = indices
-        if k == sorted_size:
-            sorted_indices = indices
-    return sets, sorted_indices
+        sets[k], previous = indices, k
+    if 0 in head_sizes.values():
+        bands[0] = sets[partial[0]]
+    return sets, bands
 
 
 def gather_decode(
@@ -399,60 +419,83 @@ def gather_decode(
 
     Same values as ``F.embedding_bag(indices, decoder, offsets, per_sample_weights=weights, mode="sum")`` with a
     faster backward: the decoder gradient is one gather over the entries sorted by latent (instead of a scatter),
-    the weight gradient one sampled matmul. Both gathers work on column tiles of DECODE_TILE_WIDTH so the rows
+    the weight gradient one sampled matmul. All three work on column tiles of DECODE_TILE_WIDTH so the rows
     they touch stay in cache.
     """
-    return _GatherDecode.apply(weights, decoder, indices, offsets)
+    positions = torch.arange(weights.shape[0], device=weights.device)
+    return _GatherDecode.apply(weights, decoder, positions, indices, offsets, False)[1]
 
 
-def _tiled_bag_sum(indices, table, offsets, weights) -> torch.Tensor:
-    width = table.shape[-1]
+def _column_tiles(table: torch.Tensor) -> list[torch.Tensor]:
+    """Contiguous column tiles of a 2-D table, DECODE_TILE_WIDTH wide (one copy when the width divides)."""
+    rows, width = table.shape
     tile = DECODE_TILE_WIDTH if 0 < DECODE_TILE_WIDTH < width else width
-    parts = [
-        F.embedding_bag(
-            indices, table[:, a : a + tile].contiguous(), offsets, per_sample_weights=weights, mode="sum"
-        )
-        for a in range(0, width, tile)
-    ]
+    if width % tile == 0:
+        return list(table.reshape(rows, width // tile, tile).transpose(0, 1).contiguous().unbind(0))
+    return [table[:, a : a + tile].contiguous() for a in range(0, width, tile)]
+
+
+def _tiled_bag_sum(indices, tiles, offsets, weights) -> torch.Tensor:
+    parts = [F.embedding_bag(indices, t, offsets, per_sample_weights=weights, mode="sum") for t in tiles]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 class _GatherDecode(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weights, decoder, indices, offsets):
-        ctx.save_for_backward(weights, decoder, indices, offsets)
-        return _tiled_bag_sum(indices, decoder, offsets, weights)
+    """(acts @ decoder, or an empty tensor when not ``with_full``; bag sums of the entries
+    ``acts.flatten()[positions]`` times ``decoder[indices]``, where position -1 is padding of weight 0).
+    One Function for both, so the backward adds the gathered entries' gradients into the dense one in place
+    instead of through a dense scatter."""
 
     @staticmethod
-    def backward(ctx, grad_out):
-        weights, decoder, indices, offsets = ctx.saved_tensors
-        n_bags, n_entries = offsets.shape[0], indices.shape[0]
-        grad_weights = grad_decoder = None
-        if ctx.needs_input_grad[0]:
-            # grad_weights[e] = grad_out[bag(e)] . decoder[indices[e]]: a matmul sampled at the entries
+    def forward(ctx, acts, decoder, positions, indices, offsets, with_full):
+        padding = positions < 0  # padding entries (position -1) have weight 0
+        positions = positions.clamp(min=0)
+        weights = acts.reshape(-1).index_select(0, positions).masked_fill_(padding, 0)
+        decoder_tiles = _column_tiles(decoder)
+        ctx.save_for_backward(acts, decoder, weights, positions, padding, indices, offsets, *decoder_tiles)
+        ctx.with_full = with_full
+        full = acts @ decoder if with_full else acts.new_empty(0)
+        return full, _tiled_bag_sum(indices, decoder_tiles, offsets, weights)
+
+    @staticmethod
+    def backward(ctx, grad_full, grad_bands):
+        acts, decoder, weights, positions, padding, indices, offsets, *decoder_tiles = ctx.saved_tensors
+        n_bags, n_entries, n_latents = offsets.shape[0], indices.shape[0], decoder.shape[0]
+        need_acts, need_decoder = ctx.needs_input_grad[:2]
+        grad_acts = grad_decoder = None
+        if ctx.with_full and grad_full is not None:
+            grad_acts = grad_full @ decoder.t() if need_acts else None
+            grad_decoder = acts.t() @ grad_full if need_decoder else None
+        if grad_bands is None:
+            return grad_acts, grad_decoder, None, None, None, None
+        grad_tiles = _column_tiles(grad_bands)
+        if need_acts:
+            # grad_weights[e] = grad_bands[bag(e)] . decoder[indices[e]]: a matmul sampled at the entries
             crow = torch.cat([offsets, offsets.new_tensor([n_entries])])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                pattern = torch.sparse_csr_tensor(
-                    crow,
-                    indices,
-                    weights.new_ones(n_entries),
-                    (n_bags, decoder.shape[0]),
-                    check_invariants=False,
+                dots = torch.sparse_csr_tensor(
+                    crow, indices, weights.new_zeros(n_entries), (n_bags, n_latents), check_invariants=False
                 )
-                grad_weights = torch.sparse.sampled_addmm(
-                    pattern, grad_out.contiguous(), decoder.t(), beta=0.0
-                )
-            grad_weights = grad_weights.values()
-        if ctx.needs_input_grad[1]:
-            # grad_decoder[j] = sum_{e: indices[e] = j} weights[e] * grad_out[bag(e)]: a bag sum per latent
-            order = torch.argsort(indices.int() if decoder.shape[0] < 2**31 else indices)
+                for g, d in zip(grad_tiles, decoder_tiles):  # accumulate in place: no copy of the pattern
+                    torch.sparse.sampled_addmm(dots, g, d.t(), beta=1.0, out=dots)
+            if grad_acts is None:
+                grad_acts = torch.zeros_like(acts)
+            grad_acts.view(-1).index_add_(0, positions, dots.values().masked_fill_(padding, 0))
+        if need_decoder:
+            # grad_decoder[j] = sum_{e: indices[e] = j} weights[e] * grad_bands[bag(e)]: a bag sum per latent;
+            # sorting the narrowest integer type that holds the latent ids is the cheapest (int16: 2x int32)
+            key_dtype = torch.int16 if n_latents <= 2**15 else torch.int32 if n_latents <= 2**31 else torch.int64
+            order = torch.sort(indices.to(key_dtype), stable=True).indices
             bag_sizes = torch.diff(offsets, append=offsets.new_tensor([n_entries]))
             bag_of_entry = torch.repeat_interleave(torch.arange(n_bags, device=offsets.device), bag_sizes)
-            per_latent = torch.bincount(indices, minlength=decoder.shape[0])
+            per_latent = torch.bincount(indices, minlength=n_latents)
             latent_offsets = torch.cat([per_latent.new_zeros(1), per_latent.cumsum(0)[:-1]])
-            grad_decoder = _tiled_bag_sum(bag_of_entry[order], grad_out, latent_offsets, weights[order])
-        return grad_weights, grad_decoder, None, None
+            band_grad = _tiled_bag_sum(
+                bag_of_entry.index_select(0, order), grad_tiles, latent_offsets, weights.index_select(0, order)
+            )
+            grad_decoder = band_grad if grad_decoder is None else grad_decoder.add_(band_grad)
+        return grad_acts, grad_decoder, None, None, None, None
 
 
 def naive_topk_reconstructions(
@@ -711,7 +754,7 @@ class _RemoveRadialGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        return grad - (grad * weight).sum(-1, keepdim=True) * weight
+        return torch.addcmul(grad, torch.linalg.vecdot(grad, weight).unsqueeze(-1), weight, value=-1)
 
 
 class MatryoshkaTopKSAE(_MatryoshkaTopKMixin, SAE[MatryoshkaTopKSAEConfig]):
@@ -790,8 +833,13 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
             decoder, row_norms = self._decoder_and_row_norms()
         levels = self.cfg.k_levels
         decoded = self.nested_decode(z, decoder, levels, scores=self._topk_scores(z, row_norms))
-        recons = [self.hook_sae_recons(y + self.b_dec) for y in decoded]
-        losses_per_level = self.level_losses(recons, target)
+        # levels at or above the batch's largest number of positive latents share one decode: one loss each
+        distinct = list({id(y): y for y in decoded}.values())
+        distinct_recons = [self.hook_sae_recons(y + self.b_dec) for y in distinct]
+        distinct_losses = dict(zip(map(id, distinct), self.level_losses(distinct_recons, target)))
+        recon_of = dict(zip(map(id, distinct), distinct_recons))
+        recons = [recon_of[id(y)] for y in decoded]
+        losses_per_level = [distinct_losses[id(y)] for y in decoded]
         loss = sum(w * level_loss for w, level_loss in zip(self.level_weights, losses_per_level))
 
         name = self.cfg.reconstruction_loss
