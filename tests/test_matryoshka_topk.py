@@ -189,8 +189,8 @@ def test_every_decode_plan_gives_the_same_levels_and_gradients(monkeypatch):
 
 @pytest.mark.parametrize("levels", [[2, 5, 9], [2, 5, 9, 40]])
 def test_nested_decode_gradients_with_rows_short_of_positive_latents(levels):
-    """Rows with fewer positive latents than a partial level (the top-k takes zeros there, the compact table
-    padding); with [2, 5, 9] no level reaches the largest count, so there is no shared dense decode."""
+    """Rows with fewer positive latents than a partial level (its top-k takes zeros there); with [2, 5, 9] no
+    level reaches the largest count, so there is no shared dense decode."""
     torch.manual_seed(6)
     pre = torch.randn(17, 40, dtype=torch.float64)
     pre[0] = -1.0

@@ -249,7 +249,7 @@ def nested_topk_reconstructions(
 
     acts: [B, n] non-negative latents; decoder: [n, d]; k_levels strictly increasing. The top-k sets are those
     of ``scores`` (default: acts), taken from one chain of ``topk`` calls, so they are nested. Differentiable in
-    acts and decoder (plain autograd ops).
+    acts and decoder.
 
     Let p_s be the number of positive latents of row s. Every level with k >= max_s p_s equals the full decode
     ``acts @ decoder`` (one dense matmul shared by all of them, the ReLU level included). Each other level i is
@@ -259,7 +259,8 @@ def nested_topk_reconstructions(
       decoder rows (``gather_decode``);
     - "tail":  x_i = x_{i+1} - (positive latents of ranks k_i..k_{i+1}) decoded the same way;
     - "dense": x_i = (acts masked to its top-k_i) @ decoder.
-    All gathered bands of a batch go through a single ``gather_decode`` call.
+    All gathered bands of a batch and the shared dense decode are one autograd Function, whose backward adds
+    the gathered latents' gradients into the dense gradient in place.
     """
     levels = list(k_levels)
     B, n = acts.shape
@@ -276,26 +277,10 @@ def nested_topk_reconstructions(
     plan = plan_nested_decode(partial, counts, n, full_available=full_needed)
 
     with torch.no_grad():
-        # Only positive latents can be in a level's top-k with a non-zero value, so rank them in a compact
-        # [B, max_active] table (its row r lists row r's positive latents, then padding): every topk, mask and
-        # nonzero below runs on that table instead of all n latents. Padding ranks below every positive latent
-        # and stands for latent id n; it is selected only where a row has fewer than k positives, where the
-        # plain top-k would take zeros, and it decodes to nothing.
-        pos_rows, pos_cols = positive.nonzero(as_tuple=True)
-        starts = (counts.cumsum(0, dtype=torch.int64) - counts)[pos_rows]
-        slots = torch.arange(pos_rows.shape[0], device=acts.device) - starts
-        compact_cols = torch.full((B, max_active), n, dtype=torch.int64, device=acts.device)
-        compact_cols[pos_rows, slots] = pos_cols
-        ranked = acts if scores is None else scores
-        compact_scores = torch.full((B, max_active), -1.0, dtype=ranked.dtype, device=acts.device)
-        compact_scores[pos_rows, slots] = ranked[pos_rows, pos_cols]
-        sets, bands = _nested_topk_sets(compact_scores, partial, plan)
+        sets, bands = _nested_topk_sets(acts if scores is None else scores, partial, plan)
 
-    def slot_mask(k: int | None) -> torch.Tensor:
-        """[B, max_active] membership of the top-k (k None: all positive latents)."""
-        if k is None:
-            return compact_cols < n
-        return torch.zeros_like(compact_scores, dtype=torch.bool).scatter_(-1, sets[k], True)
+    def mask_of(k: int) -> torch.Tensor:
+        return torch.zeros_like(positive).scatter_(-1, sets[k], True)
 
     # every gathered band (head bands and tails) goes through one _GatherDecode call
     head = [i for i, method in enumerate(plan) if method == "head"]
@@ -303,27 +288,22 @@ def nested_topk_reconstructions(
     rows, cols, sizes = [], [], []
     with torch.no_grad():
         if head:
-            head_cols = compact_cols.gather(-1, torch.cat([bands[i] for i in head], dim=-1))
+            head_cols = torch.cat([bands[i] for i in head], dim=-1)
             cols.append(head_cols.reshape(-1))
             rows.append(torch.arange(B, device=acts.device).repeat_interleave(head_cols.shape[1]))
             bounds = [0] + partial
             sizes.append(torch.tensor([bounds[i + 1] - bounds[i] for i in head], device=acts.device).repeat(B))
         for i in tail:  # positive latents ranked between k_i and the next level (or all positives)
-            upper = partial[i + 1] if i + 1 < len(partial) else None
-            in_band = slot_mask(upper) & slot_mask(None) & ~slot_mask(partial[i])
-            tail_rows, tail_slots = in_band.nonzero(as_tuple=True)
+            in_upper = mask_of(partial[i + 1]) & positive if i + 1 < len(partial) else positive
+            tail_rows, tail_cols = (in_upper & ~mask_of(partial[i])).nonzero(as_tuple=True)
             rows.append(tail_rows)
-            cols.append(compact_cols[tail_rows, tail_slots])
+            cols.append(tail_cols)
             sizes.append(torch.bincount(tail_rows, minlength=B))
     if rows:
         with torch.no_grad():
             flat_rows, flat_cols, bag_sizes = torch.cat(rows), torch.cat(cols), torch.cat(sizes)
-            padding = flat_cols == n
-            positions = (flat_rows * n + flat_cols).masked_fill_(padding, -1)
             offsets = torch.cat([bag_sizes.new_zeros(1), bag_sizes.cumsum(0)[:-1]])
-        full, out = _GatherDecode.apply(
-            acts, decoder, positions, flat_cols.masked_fill_(padding, 0), offsets, full_needed
-        )
+        full, out = _GatherDecode.apply(acts, decoder, flat_rows * n + flat_cols, flat_cols, offsets, full_needed)
         d = decoder.shape[-1]
         head_out, tail_out = out.split([B * len(head), B * len(tail)])
         gathered = list(head_out.view(B, len(head), d).unbind(1)) + list(tail_out.view(len(tail), B, d).unbind(0))
@@ -336,10 +316,7 @@ def nested_topk_reconstructions(
         if plan[i] == "head":
             outputs[k] = decoded_band[i] if i == 0 else outputs[partial[i - 1]] + decoded_band[i]
         elif plan[i] == "dense":
-            with torch.no_grad():
-                ids = compact_cols.gather(-1, sets[k])  # padding is id n: a column dropped after the scatter
-                mask = torch.zeros(B, n + 1, dtype=acts.dtype, device=acts.device).scatter_(-1, ids, 1.0)[:, :n]
-            outputs[k] = (acts * mask) @ decoder
+            outputs[k] = (acts * mask_of(k)) @ decoder
     for i in reversed(tail):  # top-down: tail levels
         upper = outputs[partial[i + 1]] if i + 1 < len(partial) else full
         outputs[partial[i]] = upper - decoded_band[i]
@@ -442,24 +419,21 @@ def _tiled_bag_sum(indices, tiles, offsets, weights) -> torch.Tensor:
 
 class _GatherDecode(torch.autograd.Function):
     """(acts @ decoder, or an empty tensor when not ``with_full``; bag sums of the entries
-    ``acts.flatten()[positions]`` times ``decoder[indices]``, where position -1 is padding of weight 0).
-    One Function for both, so the backward adds the gathered entries' gradients into the dense one in place
+    ``acts.flatten()[positions]`` times ``decoder[indices]``). One Function for both, so the backward adds the gathered entries' gradients into the dense one in place
     instead of through a dense scatter."""
 
     @staticmethod
     def forward(ctx, acts, decoder, positions, indices, offsets, with_full):
-        padding = positions < 0  # padding entries (position -1) have weight 0
-        positions = positions.clamp(min=0)
-        weights = acts.reshape(-1).index_select(0, positions).masked_fill_(padding, 0)
+        weights = acts.reshape(-1).index_select(0, positions)
         decoder_tiles = _column_tiles(decoder)
-        ctx.save_for_backward(acts, decoder, weights, positions, padding, indices, offsets, *decoder_tiles)
+        ctx.save_for_backward(acts, decoder, weights, positions, indices, offsets, *decoder_tiles)
         ctx.with_full = with_full
         full = acts @ decoder if with_full else acts.new_empty(0)
         return full, _tiled_bag_sum(indices, decoder_tiles, offsets, weights)
 
     @staticmethod
     def backward(ctx, grad_full, grad_bands):
-        acts, decoder, weights, positions, padding, indices, offsets, *decoder_tiles = ctx.saved_tensors
+        acts, decoder, weights, positions, indices, offsets, *decoder_tiles = ctx.saved_tensors
         n_bags, n_entries, n_latents = offsets.shape[0], indices.shape[0], decoder.shape[0]
         need_acts, need_decoder = ctx.needs_input_grad[:2]
         grad_acts = grad_decoder = None
@@ -481,7 +455,7 @@ class _GatherDecode(torch.autograd.Function):
                     torch.sparse.sampled_addmm(dots, g, d.t(), beta=1.0, out=dots)
             if grad_acts is None:
                 grad_acts = torch.zeros_like(acts)
-            grad_acts.view(-1).index_add_(0, positions, dots.values().masked_fill_(padding, 0))
+            grad_acts.view(-1).index_add_(0, positions, dots.values())
         if need_decoder:
             # grad_decoder[j] = sum_{e: indices[e] = j} weights[e] * grad_bands[bag(e)]: a bag sum per latent;
             # sorting the narrowest integer type that holds the latent ids is the cheapest (int16: 2x int32)
