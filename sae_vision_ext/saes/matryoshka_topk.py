@@ -429,8 +429,8 @@ def _tiled_bag_sum(indices, tiles, offsets, weights) -> torch.Tensor:
 
 class _GatherDecode(torch.autograd.Function):
     """(acts @ decoder, or an empty tensor when not ``with_full``; bag sums of the entries
-    ``acts.flatten()[positions]`` times ``decoder[indices]``). One Function for both, so the backward adds the gathered entries' gradients into the dense one in place
-    instead of through a dense scatter."""
+    ``acts.flatten()[positions]`` times ``decoder[indices]``). One Function for both, so the backward adds the
+    gathered entries' gradients into the dense one in place instead of through a dense scatter."""
 
     @staticmethod
     def forward(ctx, acts, decoder, positions, indices, offsets, with_full):
@@ -820,13 +820,12 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
             decoder, row_norms = self._decoder_and_row_norms()
         levels = self.cfg.k_levels
         decoded = self.nested_decode(z, decoder, levels, scores=self._topk_scores(z, row_norms))
-        # levels at or above the batch's largest number of positive latents share one decode: one loss each
-        distinct = list({id(y): y for y in decoded}.values())
-        distinct_recons = [self.hook_sae_recons(y + self.b_dec) for y in distinct]
-        distinct_losses = dict(zip(map(id, distinct), self.level_losses(distinct_recons, target)))
-        recon_of = dict(zip(map(id, distinct), distinct_recons))
+        # levels at or above the batch's largest number of positive latents share one decode, hence one loss
+        distinct = {id(y): y for y in decoded}
+        recon_of = {key: self.hook_sae_recons(y + self.b_dec) for key, y in distinct.items()}
+        loss_of = dict(zip(recon_of, self.level_losses(list(recon_of.values()), target)))
         recons = [recon_of[id(y)] for y in decoded]
-        losses_per_level = [distinct_losses[id(y)] for y in decoded]
+        losses_per_level = [loss_of[id(y)] for y in decoded]
         loss = sum(w * level_loss for w, level_loss in zip(self.level_weights, losses_per_level))
 
         name = self.cfg.reconstruction_loss
