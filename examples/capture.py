@@ -41,23 +41,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_model(args):
-    from sae_vision_ext.vision.load import load_vision_model
-
-    common = dict(img_size=args.img_size, device="cpu")
-    if args.weights:
-        return load_vision_model(args.model, weights=args.weights, **common), f"weights from {args.weights}"
-    if not args.random_init:
-        try:
-            return load_vision_model(args.model, pretrained=True, **common), "pretrained weights"
-        except (RuntimeError, ValueError) as err:
-            reason = type(err.__cause__ or err).__name__
-            print(f"NOTE: pretrained weights for {args.model} are not available locally ({reason}).")
-    print("NOTE: using a RANDOMLY INITIALISED model of the same architecture: shapes and the pipeline are real, "
-          "the activations carry no learned meaning.")
-    return load_vision_model(args.model, pretrained=False, **common), "random init"
-
-
 def default_hooks(model, stop):
     n = model.n_layers if stop is None else stop
     names = ["hook_embed"]
@@ -79,9 +62,12 @@ def main(argv=None):
 
     from sae_vision_ext.activations.sample_images import sample_images
     from sae_vision_ext.vision.hooked_vision_model import describe_hook_names
+    from sae_vision_ext.vision.load import load_vision_model_or_random
 
     start = time.perf_counter()
-    (model, preprocess), weights_note = load_model(args)
+    model, preprocess, weights_note = load_vision_model_or_random(
+        args.model, weights=args.weights, pretrained=not args.random_init, img_size=args.img_size, device="cpu"
+    )
     layout = model.token_layout
     print(f"model: {model.spec} ({weights_note}); {model.n_layers} blocks, d_model={model.cfg.d_model}, "
           f"image {model.cfg.image_size[0]}x{model.cfg.image_size[1]}, patch {model.cfg.patch_size[0]}")

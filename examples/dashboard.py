@@ -46,20 +46,14 @@ def parse_args(argv=None):
 
 
 def load_model(args):
+    """(model, preprocess, weights description): a tiny random CLIP with --tiny, else pretrained weights when
+    they can be loaded, else a random init of the same architecture (said out loud)."""
     from sae_vision_ext.analysis.toy import tiny_clip
-    from sae_vision_ext.vision.load import load_vision_model
+    from sae_vision_ext.vision.load import load_vision_model_or_random
 
     if args.tiny:
-        model, preprocess = tiny_clip()
-        return model, preprocess, "tiny random CLIP"
-    if not args.random_init:
-        try:
-            model, preprocess = load_vision_model(args.model, pretrained=True, img_size=args.img_size or None)
-            return model, preprocess, "pretrained weights"
-        except RuntimeError as err:
-            print(f"note: {err}\n      -> using a RANDOM INIT of the same architecture; latents are meaningless")
-    model, preprocess = load_vision_model(args.model, pretrained=False, img_size=args.img_size or None)
-    return model, preprocess, "random init"
+        return (*tiny_clip(), "tiny random CLIP")
+    return load_vision_model_or_random(args.model, pretrained=not args.random_init, img_size=args.img_size or None)
 
 
 def fit_topk_sae(rows, hook, d_sae, k, steps, model_name, seed=0):

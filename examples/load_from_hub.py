@@ -96,21 +96,6 @@ def write_tiny_release(release, sae_id, model, images):
     print(f"tiny: wrote a synthetic {n}x{d} checkpoint at hf://{info.repo_id}/{path} in the local cache")
 
 
-def load_model(spec, tiny, img_size):
-    from sae_vision_ext.vision.load import load_vision_model
-
-    if not tiny:
-        try:
-            return load_vision_model(spec, pretrained=True, img_size=img_size), "pretrained weights"
-        except (RuntimeError, ValueError) as err:
-            print(f"NOTE: pretrained weights for {spec} are not available locally ({type(err).__name__}).")
-    print(
-        "NOTE: using a RANDOMLY INITIALISED model of the same architecture: the pipeline is real, the "
-        "activations carry no learned meaning."
-    )
-    return load_vision_model(spec, pretrained=False, img_size=img_size), "random init"
-
-
 def main(argv=None):
     args = parse_args(argv)
     release = args.release or ("msae-clip-vit-b-16" if args.tiny else "msae-clip-vit-l-14")
@@ -124,6 +109,7 @@ def main(argv=None):
     from sae_vision_ext.activations.sample_images import sample_images
     from sae_vision_ext.evals.reconstruction import cosine_similarity, fraction_zero, fvu, l0
     from sae_vision_ext.loading import RELEASES, check_sae_fits_model, load_pretrained, register_releases
+    from sae_vision_ext.vision.load import load_vision_model_or_random
 
     register_releases()
     if args.list:
@@ -136,7 +122,9 @@ def main(argv=None):
         raise SystemExit(f"unknown release {release!r}; choose one of {', '.join(RELEASES)} (see --list)")
     start = time.perf_counter()
     info = RELEASES[release]
-    (model, preprocess), weights_note = load_model(info.model, args.tiny, args.img_size)
+    model, preprocess, weights_note = load_vision_model_or_random(
+        info.model, pretrained=not args.tiny, img_size=args.img_size
+    )
     photos = sample_images(args.n_images)
     images = torch.stack([preprocess(photo) for photo in photos])
     if args.tiny:

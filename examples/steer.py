@@ -41,20 +41,14 @@ def parse_args(argv=None):
 
 
 def load_model(args):
+    """(model, preprocess, weights description): a tiny random CLIP with --tiny, else pretrained weights when
+    they can be loaded, else a random init of the same architecture (said out loud)."""
     from sae_vision_ext.analysis.toy import tiny_clip
-    from sae_vision_ext.vision.load import load_vision_model
+    from sae_vision_ext.vision.load import load_vision_model_or_random
 
     if args.tiny:
-        model, preprocess = tiny_clip()
-        return model, preprocess, "tiny random CLIP"
-    if not args.random_init:
-        try:
-            model, preprocess = load_vision_model(args.model, pretrained=True)
-            return model, preprocess, "pretrained weights"
-        except RuntimeError as err:
-            print(f"note: {err}\n      -> using a RANDOM INIT of the same architecture; numbers are meaningless")
-    model, preprocess = load_vision_model(args.model, pretrained=False)
-    return model, preprocess, "random init"
+        return (*tiny_clip(), "tiny random CLIP")
+    return load_vision_model_or_random(args.model, pretrained=not args.random_init)
 
 
 def demonstration_sae(model, concept):

@@ -322,21 +322,17 @@ def evaluate_sae_folder(
     if dataset is None:
         raise ValueError("give --dataset (images) or --cache")
     from sae_vision_ext.activations.source import ImageActivationSource
-    from sae_vision_ext.vision.load import load_vision_model
+    from sae_vision_ext.vision.load import load_vision_model, load_vision_model_or_random
 
     spec = model_spec or meta.model_name
     image_size = meta.image_size
     kwargs = dict(device=device, img_size=tuple(image_size) if image_size else None)
     seed = _random_init_seed(meta.weights)
-    if weights:
-        model, preprocess = load_vision_model(spec, pretrained=False, weights=weights, **kwargs)
-    elif seed is not None:
+    if seed is not None and not weights:
         _say(f"note: the SAE was trained on {spec} with random weights (seed {seed}); rebuilding them")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model, preprocess = load_vision_model(spec, pretrained=False, **kwargs)
+        model, preprocess, _ = load_vision_model_or_random(spec, pretrained=False, seed=seed, **kwargs)
     else:
-        model, preprocess = load_vision_model(spec, pretrained=True, **kwargs)
+        model, preprocess = load_vision_model(spec, pretrained=not weights, weights=weights, **kwargs)
     source = ImageActivationSource(model, preprocess, dataset if not isinstance(dataset, str) else _open(dataset, split),
                                    hook, token_selection=meta.token_selection or "patches", num_workers=workers,
                                    shuffle=False)  # fmt: skip

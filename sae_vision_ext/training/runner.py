@@ -126,83 +126,20 @@ def _make_training_sae(sae_cfg: Any):
     return sae_cls(sae_cfg)
 
 
-@contextlib.contextmanager
-def _offline_hub():
-    """Make Hugging Face hub look-ups local-only for the duration (pretrained weights 'when present locally')."""
-    saved = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        import huggingface_hub.constants as hub_constants
-
-        saved_constant = hub_constants.HF_HUB_OFFLINE
-        hub_constants.HF_HUB_OFFLINE = True
-    except (ImportError, AttributeError):
-        hub_constants, saved_constant = None, None
-    try:
-        yield
-    finally:
-        if hub_constants is not None:
-            hub_constants.HF_HUB_OFFLINE = saved_constant
-        if saved is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved
-
-
-def _weight_caches_exist() -> bool:
-    """Whether any local cache could hold pretrained weights (HF hub, torch hub, open_clip's ~/.cache/clip).
-
-    When none exists, trying a pretrained load would only build the model twice before falling back.
-    """
-    folders = [Path(os.path.expanduser("~/.cache/clip"))]
-    try:
-        import huggingface_hub.constants as hub_constants
-
-        folders.append(Path(hub_constants.HF_HUB_CACHE))
-    except (ImportError, AttributeError):
-        pass
-    try:
-        folders.append(Path(torch.hub.get_dir()) / "checkpoints")
-    except (RuntimeError, AttributeError):
-        pass
-    return any(folder.is_dir() and any(folder.iterdir()) for folder in folders)
-
-
 def load_model_for(cfg: VisionSAERunnerConfig, say=print) -> tuple[Any, Any, str]:
-    """``(hooked model, preprocess, weights description)`` following ``cfg.pretrained`` / ``cfg.model_weights``."""
-    from sae_vision_ext.vision.load import load_vision_model
+    """``(hooked model, preprocess, weights description)`` following ``cfg.pretrained`` / ``cfg.model_weights``:
+    True must load pretrained weights; None (auto) uses them only if a local cache holds them, else a random
+    init drawn from ``cfg.seed`` (said out loud); False is that random init."""
+    from sae_vision_ext.vision.load import load_vision_model, load_vision_model_or_random
 
-    device = cfg.model_device or cfg.device
-    kwargs = dict(device=device, img_size=cfg.img_size)
-    if cfg.model_weights:
-        model, preprocess = load_vision_model(cfg.model_name, pretrained=False, weights=cfg.model_weights, **kwargs)
-        return model, preprocess, str(cfg.model_weights)
-    if cfg.pretrained is False:
-        return (*_random_init(load_vision_model, cfg, kwargs), f"random-init(seed={cfg.seed})")
-    if cfg.pretrained is True:
+    kwargs = dict(device=cfg.model_device or cfg.device, img_size=cfg.img_size)
+    if cfg.pretrained is True and not cfg.model_weights:
         model, preprocess = load_vision_model(cfg.model_name, pretrained=True, **kwargs)
         return model, preprocess, "pretrained"
-    reason = "no weight caches on this machine"
-    if _weight_caches_exist():
-        try:
-            with _offline_hub():
-                model, preprocess = load_vision_model(cfg.model_name, pretrained=True, **kwargs)
-            return model, preprocess, "pretrained"
-        except (RuntimeError, OSError, ValueError) as err:
-            reason = f"{type(err).__name__}"
-    say(
-        f"note: no local pretrained weights for {cfg.model_name} ({reason}); using the same architecture with "
-        "RANDOM weights. Features will not be meaningful; pass --weights <file> or put the weights in the local "
-        "Hugging Face cache for a real run."
+    return load_vision_model_or_random(
+        cfg.model_name, weights=cfg.model_weights, pretrained=cfg.pretrained is not False, local_only=True,
+        seed=cfg.seed, say=say, **kwargs,
     )
-    return (*_random_init(load_vision_model, cfg, kwargs), f"random-init(seed={cfg.seed})")
-
-
-def _random_init(load_vision_model, cfg: VisionSAERunnerConfig, kwargs: dict) -> tuple[Any, Any]:
-    """Random weights drawn from ``cfg.seed`` (reproducible: ``sae-vision eval`` can rebuild the same model)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return load_vision_model(cfg.model_name, pretrained=False, **kwargs)
 
 
 def vision_metadata(

@@ -13,10 +13,13 @@ loads a local checkpoint (timm: through timm's own checkpoint filter; open_clip:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from sae_vision_ext.vision.hooked_vision_model import HookedVisionModel
 
@@ -58,6 +61,86 @@ def load_vision_model(
     hooked.eval()
     hooked.preprocess = preprocess
     return hooked, preprocess
+
+
+def load_vision_model_or_random(
+    spec: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    pretrained: bool = True,
+    local_only: bool = False,
+    seed: int = 0,
+    say: Callable[[str], Any] = print,
+    **kwargs: Any,
+) -> tuple[HookedVisionModel, Callable, str]:
+    """``(model, preprocess, weights description)`` for scripts that must run on any machine.
+
+    ``weights`` (a file) wins; else pretrained weights (``local_only``: only from local caches, no network),
+    and when those cannot be loaded, or ``pretrained=False``, the same architecture with random weights drawn
+    from ``seed`` (reproducible), with a note through ``say``. The description is ``"pretrained"``, the weights
+    path, or ``"random-init(seed=N)"``.
+    """
+    if weights:
+        model, preprocess = load_vision_model(spec, pretrained=False, weights=weights, **kwargs)
+        return model, preprocess, str(weights)
+    if pretrained:
+        reason = "no weight caches on this machine"
+        if not local_only or _weight_caches_exist():
+            try:
+                with _offline_hub() if local_only else contextlib.nullcontext():
+                    model, preprocess = load_vision_model(spec, pretrained=True, **kwargs)
+                return model, preprocess, "pretrained"
+            except (RuntimeError, OSError, ValueError) as err:
+                reason = type(err.__cause__ or err).__name__
+        say(f"note: no pretrained weights for {spec} ({reason}); using the same architecture with RANDOM weights "
+            "(features carry no learned meaning). Pass a weights file or put the weights in the local Hugging Face "
+            "cache for a real run.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, preprocess = load_vision_model(spec, pretrained=False, **kwargs)
+    return model, preprocess, f"random-init(seed={seed})"
+
+
+@contextlib.contextmanager
+def _offline_hub():
+    """Make Hugging Face hub look-ups local-only for the duration (pretrained weights 'when present locally')."""
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        saved_constant = hub_constants.HF_HUB_OFFLINE
+        hub_constants.HF_HUB_OFFLINE = True
+    except (ImportError, AttributeError):
+        hub_constants, saved_constant = None, None
+    try:
+        yield
+    finally:
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = saved_constant
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+
+
+def _weight_caches_exist() -> bool:
+    """Whether any local cache could hold pretrained weights (HF hub, torch hub, open_clip's ~/.cache/clip).
+
+    When none exists, trying a pretrained load would only build the model twice before falling back.
+    """
+    folders = [Path(os.path.expanduser("~/.cache/clip"))]
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        folders.append(Path(hub_constants.HF_HUB_CACHE))
+    except (ImportError, AttributeError):
+        pass
+    try:
+        folders.append(Path(torch.hub.get_dir()) / "checkpoints")
+    except (RuntimeError, AttributeError):
+        pass
+    return any(folder.is_dir() and any(folder.iterdir()) for folder in folders)
 
 
 def _not_available(spec: str, err: Exception) -> RuntimeError:
