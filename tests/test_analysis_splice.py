@@ -161,6 +161,10 @@ def test_readable_errors(clip):
     missing.cfg.metadata.hook_name = None
     with pytest.raises(ValueError, match="hook_name"):
         model.add_sae(missing)
+    transcoder = make_sae(model.cfg.d_model, 8, HOOK)
+    transcoder.cfg.metadata.hook_name_out = "blocks.1.hook_resid_post"
+    with pytest.raises(NotImplementedError, match="transcoders"):
+        model.add_sae(transcoder)
     assert model.acts_to_saes == {}
 
 

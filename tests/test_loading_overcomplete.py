@@ -200,6 +200,8 @@ def test_release_by_name_matches_overcomplete_eval_forward(overcomplete_pkg, tmp
         assert 0 < (z > 0).float().mean() < 0.5
         torch.testing.assert_close(sae.decode(z), x_hat_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sae(x), x_hat_ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="fold"):  # LayerNorm encoder + global threshold: inexact
+        sae.fold_W_dec_norm()
 
 
 def test_repo_id_with_converter_and_saved_folder_roundtrip(overcomplete_pkg, tmp_path, hf_cache):
