@@ -27,6 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--images", help="image folder or HF dataset (default: the scikit-image sample photos)")
     p.add_argument("--n-images", type=int, default=512, help="image views (random resized crops) to cache")
     p.add_argument("--output", default="runs/example_cache")
+    p.add_argument("--random-init", action="store_true", help="random model weights (seed 0), on purpose")
     p.add_argument("--tiny", action="store_true", help="tiny ViT at 32 px, 48 views (seconds)")
     return p.parse_args(argv)
 
@@ -41,8 +42,10 @@ def main(argv=None) -> int:
 
     from sae_vision_ext.training.config import VisionSAERunnerConfig
     from sae_vision_ext.training.runner import VisionSAETrainingRunner, cache_activations
+    from sae_vision_ext.vision.load import describe_weights
 
-    if args.tiny:
+    if args.tiny:  # a tiny random model: runs anywhere in seconds
+        args.random_init = True
         args.model, args.img_size, args.hook, args.n_images = "timm:vit_tiny_patch16_224", 32, "blocks.1.hook_resid_post", 48
     if args.images:
         images = args.images
@@ -53,13 +56,13 @@ def main(argv=None) -> int:
     out = Path(args.output)
 
     # 1. cache (no SAE in this config: sae=None)
-    cache_cfg = VisionSAERunnerConfig(sae=None, model_name=args.model, img_size=args.img_size, hook_name=args.hook,
+    cache_cfg = VisionSAERunnerConfig(sae=None, model_name=args.model, pretrained=not args.random_init, img_size=args.img_size, hook_name=args.hook,
                                       token_selection="patches", augment="crop_flip", model_batch_size=16,
                                       num_workers=1, images_per_shard=128, seed=0)  # fmt: skip
     cache = cache_activations(cache_cfg, out / "cache", args.n_images, images=images, overwrite=True)
     meta = cache.metadata
     print(f"cache {cache.path}: {meta['n_rows']:,} rows x {meta['hook_widths']} in {meta['n_shards']} shards; "
-          f"model {meta['model_name']} ({meta['weights']}), tokens {meta['token_selection']}")  # fmt: skip
+          f"model {meta['model_name']} ({describe_weights(meta['weights'])}), tokens {meta['token_selection']}")  # fmt: skip
 
     # 2. read it back without the model: HF datasets and SAELens's ActivationsStore
     ds = datasets.load_from_disk(str(cache.path))

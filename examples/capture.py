@@ -1,14 +1,13 @@
 """Capture activations of a hooked vision model on real photos (shipped offline with scikit-image).
 
-Loads the model (pretrained weights when they are in the local cache, else a random init of the same
-architecture, said clearly), runs it on a few photos with ``run_with_cache`` and prints the hook names,
+Loads the model (pretrained weights, downloaded when needed; when they cannot be had, a random init of the
+same architecture, said clearly), runs it on a few photos with ``run_with_cache`` and prints the hook names,
 the token layout and the shape of every captured activation.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -36,8 +35,6 @@ def parse_args(argv=None):
                         help="run blocks 0..L-1 only (hooks after that are not computed)")
     parser.add_argument("--random-init", action="store_true", help="skip pretrained weights, random init")
     parser.add_argument("--weights", default=None, help="local checkpoint file to load instead")
-    parser.add_argument("--online", action="store_true",
-                        help="allow downloading weights (default: use the local Hugging Face cache only)")
     return parser.parse_args(argv)
 
 
@@ -56,20 +53,18 @@ def default_hooks(model, stop):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not args.online:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from sae_vision_ext.activations.sample_images import sample_images
     from sae_vision_ext.vision.hooked_vision_model import describe_hook_names
-    from sae_vision_ext.vision.load import load_vision_model_or_random
+    from sae_vision_ext.vision.load import describe_weights, load_vision_model_or_random
 
     start = time.perf_counter()
-    model, preprocess, weights_note = load_vision_model_or_random(
+    model, preprocess, weights = load_vision_model_or_random(
         args.model, weights=args.weights, pretrained=not args.random_init, img_size=args.img_size, device="cpu"
     )
     layout = model.token_layout
-    print(f"model: {model.spec} ({weights_note}); {model.n_layers} blocks, d_model={model.cfg.d_model}, "
+    print(f"model: {model.spec} ({describe_weights(weights)}); {model.n_layers} blocks, d_model={model.cfg.d_model}, "
           f"image {model.cfg.image_size[0]}x{model.cfg.image_size[1]}, patch {model.cfg.patch_size[0]}")
     print(f"token layout: {layout.n_cls} CLS + {layout.n_registers} registers + {layout.n_patches} patches "
           f"(grid {layout.grid_size[0]}x{layout.grid_size[1]}) = {layout.n_tokens} tokens")

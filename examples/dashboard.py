@@ -49,11 +49,12 @@ def load_model(args):
     """(model, preprocess, weights description): a tiny random CLIP with --tiny, else pretrained weights when
     they can be loaded, else a random init of the same architecture (said out loud)."""
     from sae_vision_ext.analysis.toy import tiny_clip
-    from sae_vision_ext.vision.load import load_vision_model_or_random
+    from sae_vision_ext.vision.load import describe_weights, load_vision_model_or_random
 
     if args.tiny:
         return (*tiny_clip(), "tiny random CLIP")
-    return load_vision_model_or_random(args.model, pretrained=not args.random_init, img_size=args.img_size or None)
+    model, preprocess, weights = load_vision_model_or_random(args.model, pretrained=not args.random_init, img_size=args.img_size or None)
+    return model, preprocess, describe_weights(weights)
 
 
 def fit_topk_sae(rows, hook, d_sae, k, steps, model_name, seed=0):

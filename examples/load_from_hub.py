@@ -46,7 +46,6 @@ def parse_args(argv=None):
     parser.add_argument(
         "--cache-dir", default=None, help="with --tiny: where to build the cache (default: temp)"
     )
-    parser.add_argument("--online", action="store_true", help="allow downloads (default: local cache only)")
     parser.add_argument("--save-dir", default=None, help="write the converted SAE here (SAELens folder)")
     parser.add_argument("--list", action="store_true", help="list the plugin's releases and exit")
     return parser.parse_args(argv)
@@ -101,15 +100,13 @@ def main(argv=None):
     release = args.release or ("msae-clip-vit-b-16" if args.tiny else "msae-clip-vit-l-14")
     if args.tiny:
         os.environ["HF_HUB_CACHE"] = args.cache_dir or tempfile.mkdtemp(prefix="hf-cache-")
-    if not args.online:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     import sae_vision_ext  # noqa: F401  (registers the architectures)
     from sae_vision_ext.activations.sample_images import sample_images
     from sae_vision_ext.evals.reconstruction import cosine_similarity, fraction_zero, fvu, l0
     from sae_vision_ext.loading import RELEASES, check_sae_fits_model, load_pretrained, register_releases
-    from sae_vision_ext.vision.load import load_vision_model_or_random
+    from sae_vision_ext.vision.load import describe_weights, load_vision_model_or_random
 
     register_releases()
     if args.list:
@@ -122,7 +119,7 @@ def main(argv=None):
         raise SystemExit(f"unknown release {release!r}; choose one of {', '.join(RELEASES)} (see --list)")
     start = time.perf_counter()
     info = RELEASES[release]
-    model, preprocess, weights_note = load_vision_model_or_random(
+    model, preprocess, weights = load_vision_model_or_random(
         info.model, pretrained=not args.tiny, img_size=args.img_size
     )
     photos = sample_images(args.n_images)
@@ -138,7 +135,7 @@ def main(argv=None):
         f"on {meta.model_name} {hook} (from {meta.source})"
     )
     print(
-        f"model: {model.spec} ({weights_note}); photos: {', '.join(p.info.get('name', '?') for p in photos)}"
+        f"model: {model.spec} ({describe_weights(weights)}); photos: {', '.join(p.info.get('name', '?') for p in photos)}"
     )
     with torch.no_grad():
         _, cache = model.run_with_cache(images, names_filter=hook)

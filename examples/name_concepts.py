@@ -72,18 +72,23 @@ def main(argv=None) -> int:
     from sae_vision_ext.analysis.concepts import name_concepts
     from sae_vision_ext.analysis.retrieval import concept_search, embed_images
     from sae_vision_ext.analysis.vocabulary import load_vocabulary
+    from sae_vision_ext.vision.load import describe_weights, load_model_for_sae
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from steer import load_model  # the sibling example's loader (pretrained if cached, else random init)
 
-    model, preprocess, source = load_model(args)
+    if args.sae:  # a trained SAE: rebuild the very model it was trained on (tag, weights file or random seed)
+        sae = SAE.load_from_disk(args.sae)
+        model, preprocess, weights = load_model_for_sae(sae)
+        source = describe_weights(weights)
+    else:
+        model, preprocess, source = load_model(args)
     print(f"model: {model.spec} ({source})")
     words = load_vocabulary(args.vocabulary)
     vocab_size = args.vocab_size or (1000 if args.tiny else None)
     if vocab_size:
         words = words[:vocab_size]
     if args.sae:
-        sae = SAE.load_from_disk(args.sae)
         planted = None
         latents = list(range(min(args.n_latents, int(sae.cfg.d_sae))))
     else:

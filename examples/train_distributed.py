@@ -20,8 +20,9 @@ import time
 
 EPILOG = """examples:
   torchrun --standalone --nproc_per_node 2 examples/train_distributed.py --tiny --check
-  torchrun --standalone --nproc_per_node 4 examples/train_distributed.py --cache runs/cache --d-sae 4096 --k 32 \\
-      --batch-size 4096 --training-samples 20_000_000 --out runs/ddp
+  torchrun --standalone --nproc_per_node 4 examples/train_distributed.py --cache runs/cache \\
+      --d-sae 4096 --k 32 --batch-size 4096 --rows 20_000_000 --output runs/ddp
+The same training as a command: sae-vision train-distributed --help
 """
 
 
@@ -44,18 +45,18 @@ def write_synthetic_cache(path: str, n_rows: int, d_in: int, context_size: int =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", default=None, help="activation cache (default: <out>/cache, synthetic)")
-    parser.add_argument("--out", default="runs/train_distributed")
+    parser.add_argument("--cache", default=None, help="activation cache (default: <output>/cache, synthetic)")
+    parser.add_argument("--output", default="runs/train_distributed")
     parser.add_argument("--d-in", type=int, default=64, help="width of the synthetic cache")
     parser.add_argument("--d-sae", type=int, default=512)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=1024, help="GLOBAL batch")
-    parser.add_argument("--training-samples", type=int, default=200_000)
+    parser.add_argument("--rows", type=int, default=200_000, help="GLOBAL training rows")
     parser.add_argument("--check", action="store_true", help="compare with single-process training (rank 0)")
     parser.add_argument("--tiny", action="store_true", help="seconds-long run: d_in 16, d_sae 64, 20 steps")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.d_in, args.d_sae, args.k, args.batch_size, args.training_samples = 16, 64, 4, 64, 64 * 20
+        args.d_in, args.d_sae, args.k, args.batch_size, args.rows = 16, 64, 4, 64, 64 * 20
 
     import torch
     from sae_lens.config import SAETrainerConfig
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     context = init_distributed()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.world_size))
-    cache = args.cache or os.path.join(args.out, "cache")
+    cache = args.cache or os.path.join(args.output, "cache")
     if context.is_main and not os.path.exists(cache):
         write_synthetic_cache(cache, n_rows=max(4 * args.batch_size, 20_000 if not args.tiny else 2048), d_in=args.d_in)
     context.barrier()  # every rank waits for the cache
@@ -84,19 +85,19 @@ def main(argv: list[str] | None = None) -> int:
                                           device=str(context.device)))
 
     def trainer_cfg(checkpoints: str | None):
-        return SAETrainerConfig(total_training_samples=args.training_samples, train_batch_size_samples=args.batch_size,
+        return SAETrainerConfig(total_training_samples=args.rows, train_batch_size_samples=args.batch_size,
                                 lr=1e-3, lr_end=1e-3, device=str(context.device), dead_feature_window=50,
                                 checkpoint_path=checkpoints, n_checkpoints=2 if checkpoints else 0,
                                 save_final_checkpoint=checkpoints is not None)
 
     started = time.perf_counter()
-    trainer = train_on_rows(make_sae(), trainer_cfg(os.path.join(args.out, "checkpoints")), rows, context=context,
+    trainer = train_on_rows(make_sae(), trainer_cfg(os.path.join(args.output, "checkpoints")), rows, context=context,
                             shuffle_seed=0)
     seconds = time.perf_counter() - started
     if context.is_main:
         summary = {"world_size": context.world_size, "backend": context.backend, "steps": trainer.n_training_steps,
                    "samples": trainer.n_training_samples, "seconds": round(seconds, 2),
-                   "checkpoints": sorted(os.listdir(os.path.join(args.out, "checkpoints")))}
+                   "checkpoints": sorted(os.listdir(os.path.join(args.output, "checkpoints")))}
         if args.check:
             from sae_lens.training.sae_trainer import SAETrainer
 

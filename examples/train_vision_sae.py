@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--output", default="runs/example_vision_sae")
+    p.add_argument("--random-init", action="store_true", help="random model weights (seed 0), on purpose")
     p.add_argument("--tiny", action="store_true", help="tiny ViT at 32 px, 1k rows (seconds)")
     return p.parse_args(argv)
 
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     from sae_vision_ext.training.config import VisionSAERunnerConfig, sae_config_from_dict
     from sae_vision_ext.training.runner import VisionSAETrainingRunner, load_model_for
 
-    if args.tiny:
+    if args.tiny:  # a tiny random model: runs anywhere in seconds
+        args.random_init = True
         args.model, args.img_size, args.rows, args.batch_size = "timm:vit_tiny_patch16_224", 32, 1024, 128
         args.hooks, args.expansion = "blocks.1.hook_resid_post", 2
     hooks = args.hooks.split(",")
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
 
     # 1. the config, without the SAE first: the model tells the hook's width
     cfg = VisionSAERunnerConfig(
-        sae=None, model_name=args.model, img_size=args.img_size, hook_name=hooks, token_selection=args.tokens,
+        sae=None, model_name=args.model, pretrained=not args.random_init, img_size=args.img_size, hook_name=hooks, token_selection=args.tokens,
         augment="crop_flip", model_batch_size=16, num_workers=1, buffer_size_rows=8 * args.batch_size,
         training_rows=args.rows, train_batch_size_rows=args.batch_size, lr=args.lr, eval_holdout_images=2,
         n_eval_images=8, n_batches_for_norm_estimate=4, output_path=args.output, n_checkpoints=1, seed=0,

@@ -1,67 +1,65 @@
 """`sae-vision`: one command, one subcommand per capability.
 
-Each subcommand lives beside the code it drives, as a module with ``add_parser(subparsers)`` (which sets
-``func``) and ``run(args)``; this file only collects them, so ``sae-vision --help`` stays fast.
+Each subcommand is a module of :mod:`sae_vision_ext.commands` with ``main(argv) -> exit code``; this file only
+names them, so ``sae-vision --help`` imports nothing heavy and each ``sae-vision CMD --help`` imports only its
+command's flags.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
-# subcommand -> module that adds it; a module may add several subcommands.
-SUBCOMMANDS: dict[str, str] = {
-    "cache": "sae_vision_ext.training.cli_commands",
-    "train": "sae_vision_ext.training.cli_commands",
-    "eval": "sae_vision_ext.training.cli_commands",
-    "candidates": "sae_vision_ext.training.candidates",
-    "convert": "sae_vision_ext.loading.convert",
-    "dashboard": "sae_vision_ext.analysis.dashboard",
-    "report": "sae_vision_ext.evals.report",
-    "synthetic": "sae_vision_ext.evals.synthetic",
-    "train-distributed": "sae_vision_ext.training.distributed",
+# subcommand -> (module in sae_vision_ext.commands, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "cache": ("cache", "write a vision model's activations to an on-disk cache (resumable)"),
+    "train": ("train", "train SAE(s) on a vision model's activations, from images or a cache"),
+    "eval": ("eval", "FVU, cosine, L0 and dead latents of a trained SAE (per k for Matryoshka SAEs)"),
+    "dashboard": ("dashboard", "HTML dashboard of an SAE's top latents and a PNG of FVU against L0"),
+    "candidates": ("candidates", "k-means archetype candidates from activation rows (for ra_sae / a_sae)"),
+    "convert": ("convert", "convert a published SAE checkpoint (MSAE authors', overcomplete) to a SAELens folder"),
+    "report": ("report", "train and compare SAEs (TopK, MSAE, RA-SAE) at matched L0; plots and tables"),
+    "synthetic": ("synthetic", "soft-identifiability benchmark on synthetic data with known concepts"),
+    "train-distributed": ("train_distributed", "data-parallel SAE training on cached activations (torchrun)"),
+    "quickstart": ("quickstart", "train a Matryoshka SAE on DINOv2 patch tokens of sample photos, in minutes"),
 }
 
 EPILOG = """examples:
-  sae-vision train --help
+  sae-vision quickstart
   sae-vision cache --dataset ./photos --model timm:vit_small_patch14_reg4_dinov2.lvd142m \\
-      --hook blocks.9.hook_resid_post --tokens patches --output runs/cache_l9
+      --hook blocks.9.hook_resid_post --tokens patches --images 20000 --output runs/cache_l9
   sae-vision train --cache runs/cache_l9 --architecture matryoshka_topk --expansion 8 --output runs/msae_l9
-  sae-vision eval runs/msae_l9 --dataset ./val_photos
-  sae-vision dashboard --sae runs/msae_l9 --images ./val_photos --out artifacts/dash
-"""
+  sae-vision eval runs/msae_l9
+  sae-vision dashboard --sae runs/msae_l9 --dataset ./val_photos --output runs/msae_l9/dashboard
+Run `sae-vision COMMAND --help` for a command's flags (each with its default)."""
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sae-vision",
-        description="Train, evaluate, convert and inspect sparse autoencoders on vision models.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    wanted_module = SUBCOMMANDS.get(only) if only else None
-    seen = set()
-    for name, module_name in SUBCOMMANDS.items():
-        if wanted_module is not None and module_name != wanted_module:
-            # Only the module asked for is imported; the others stay listed by name.
-            subparsers.add_parser(name, help=f"see: sae-vision {name} --help")
-        elif module_name not in seen:
-            seen.add(module_name)
-            importlib.import_module(module_name).add_parser(subparsers)
-    return parser
+def usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = ["usage: sae-vision COMMAND [flags]", "",
+             "Train, evaluate, convert and inspect sparse autoencoders on vision models (a SAELens plugin).", "",
+             "commands:"]  # fmt: skip
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    return "\n".join([*lines, "", EPILOG])
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    wanted = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(only=wanted if wanted in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from sae_vision_ext import __version__
+
+        print(f"sae-vision {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"sae-vision: error: unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}",
+              file=sys.stderr)  # fmt: skip
         return 2
-    return int(args.func(args) or 0)
+    module = importlib.import_module(f"sae_vision_ext.commands.{SUBCOMMANDS[name][0]}")
+    return int(module.main(rest) or 0)
 
 
 if __name__ == "__main__":

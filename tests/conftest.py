@@ -12,6 +12,7 @@ torch.set_num_threads(1)
 
 
 import pytest  # noqa: E402
+from fake_hub import fake_hub  # noqa: E402,F401 - a local HTTP server standing in for the Hugging Face Hub
 
 
 @pytest.fixture

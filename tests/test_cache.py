@@ -48,7 +48,7 @@ def test_cache_is_saelens_format_shuffled_and_readable_without_a_model(tmp_path,
     cache = _write(cfg, tmp_path / "cache", tiny_model)
     meta = cache.metadata
     assert meta["model_name"] == cfg.model_name and meta["hook_names"] == [HOOK]
-    assert meta["weights"] == "given" and meta["token_selection"] == "patches" and meta["modality"] == "vision"
+    assert meta["weights"] is None and meta["token_selection"] == "patches"  # a model passed without a record and meta["modality"] == "vision"
     assert meta["n_images"] == 20 and meta["n_images_ok"] == 20 and meta["n_images_failed"] == 0
     assert meta["context_size"] == 4 and meta["n_rows"] == 80 and meta["n_shards"] == 3
     assert meta["image_size"] == [32, 32] and meta["hook_widths"] == {HOOK: 192}

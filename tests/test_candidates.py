@@ -1,7 +1,5 @@
 """Streaming k-means candidates: recovery, exact streaming statistics, refinement, files and CLI."""
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -10,14 +8,12 @@ from sae_vision_ext.training.candidates import (
     Candidates,
     Reservoir,
     RunningMoments,
-    add_parser,
     candidates_shape,
     compute_candidates,
     load_candidates,
     load_candidates_file,
     open_row_source,
     rows_from_array,
-    run,
 )
 
 
@@ -124,15 +120,11 @@ def test_bad_rows_and_sizes_fail_clearly(tmp_path):
         load_candidates(tmp_path / "foreign.safetensors")
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser(prog="sae-vision")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
-
-
 def test_cli_reads_npy_safetensors_and_activation_cache(tmp_path, capsys):
     import datasets
     from safetensors.torch import save_file
+
+    from sae_vision_ext.commands.candidates import main
 
     rows, _, _ = clustered_rows(n_centres=4, d=8, per_centre=60)
     np.save(tmp_path / "rows.npy", rows)
@@ -145,19 +137,19 @@ def test_cli_reads_npy_safetensors_and_activation_cache(tmp_path, capsys):
 
     outs = {}
     for name, src, extra in [("npy", "rows.npy", []), ("st", "rows.safetensors", []),
-                             ("cache", "cache", ["--hook-name", hook, "--chunk-rows", "50"])]:
+                             ("cache", "cache", ["--hook", hook, "--chunk-rows", "50"])]:
         out = tmp_path / f"{name}.safetensors"
-        args = _cli(["candidates", str(tmp_path / src), "--n-candidates", "4", "--out", str(out), *extra])
-        assert args.func(args) == 0
+        argv = [str(tmp_path / src), "--n-candidates", "4", "--output", str(out), "--quiet", *extra]
+        assert main(argv) == 0
         outs[name] = load_candidates_file(out)
         assert outs[name].metadata["n_rows"] == 240
     assert "wrote 4 candidates (d=8) from 240 rows" in capsys.readouterr().out
     # same rows, same seed: same statistics whatever the container
     for name in ("st", "cache"):
         torch.testing.assert_close(outs[name].mean, outs["npy"].mean)
-    assert run is not None
+    assert outs["cache"].metadata["hook_name"] == hook
     with pytest.raises(SystemExit):
-        _cli(["candidates", "--help"])
+        main(["--help"])
     assert "sae-vision candidates" in capsys.readouterr().out  # the epilog example
 
 

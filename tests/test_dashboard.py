@@ -1,8 +1,6 @@
 """Dashboards: statistics, heatmaps on the right patches, FVU-L0 plot, CLI, and the page in headless Chromium."""
 
-import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,11 +8,9 @@ from PIL import Image
 
 from sae_vision_ext.analysis.browser import ChromiumNotFound, find_chromium, open_page
 from sae_vision_ext.analysis.dashboard import (
-    add_parser,
     collect_dashboard_data,
     fvu_l0_points,
     plot_fvu_vs_l0,
-    run,
     write_dashboard,
 )
 from sae_vision_ext.analysis.toy import (
@@ -25,7 +21,6 @@ from sae_vision_ext.analysis.toy import (
     tiny_clip,
 )
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "test_dashboard"
 PATCH = 8  # tiny CLIP: 32x32 images, 8x8 patches, a 4x4 grid
 
 
@@ -108,9 +103,7 @@ def test_dashboard_opens_in_chromium_without_console_errors(clip, tmp_path):
     )
     html_text = paths["html"].read_text()
     assert "http://" not in html_text and "https://" not in html_text  # self-contained
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    screenshot = ARTIFACTS / "dashboard.png"
-    screenshot.unlink(missing_ok=True)
+    screenshot = tmp_path / "dashboard.png"
     report = open_page(paths["html"], screenshot=screenshot, window_size=(1300, 1400), chromium=chromium)
     print(f"dashboard screenshot: {screenshot}")
     assert report.returncode == 0, report.stderr[-2000:]
@@ -136,23 +129,31 @@ def test_chromium_check_catches_script_errors(tmp_path):
 
 
 def test_cli_writes_dashboard_for_a_saved_sae(clip, tmp_path, capsys):
-    model, _ = clip
-    sae = make_sae(model.cfg.d_model, 32, "blocks.0.hook_resid_post", token_selection="all", model_name=model.spec)
+    """`sae-vision dashboard` rebuilds the model from the SAE's metadata (here the random init of seed 0, the
+    `clip` fixture's weights): the FVU it prints is the one measured on that model."""
+    from sae_vision_ext.commands.dashboard import main
+    from sae_vision_ext.vision.load import weights_record
+
+    model, preprocess = clip
+    sae = make_sae(model.cfg.d_model, 32, "blocks.0.hook_resid_post", token_selection="all",
+                   model_name=model.spec)  # fmt: skip
+    sae.cfg.metadata.weights = weights_record(model.spec, pretrained=False, seed=0)
     sae.save_model(tmp_path / "sae")
-    parser = argparse.ArgumentParser(prog="sae-vision")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        ["dashboard", "--sae", str(tmp_path / "sae"), "--no-pretrained", "--synthetic", "10", "--out", str(tmp_path / "out"),
-         "--n-latents", "4", "--top-k", "3", "--batch-size", "4"]
-    )
-    assert args.func is run
-    assert args.func(args) == 0
-    out = capsys.readouterr().out
-    assert "dashboard.html" in out and "fvu_vs_l0.png" in out
+    code = main(["--sae", str(tmp_path / "sae"), "--synthetic", "10", "--output", str(tmp_path / "out"),
+                 "--n-latents", "4", "--top-k", "3", "--batch-size", "4", "--quiet"])  # fmt: skip
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "dashboard.html" in captured.out and "fvu_vs_l0.png" in captured.out
+    assert "RANDOM weights (seed 0)" in captured.err  # says which model it rebuilt
     summary = json.loads((tmp_path / "out" / "dashboard_summary.json").read_text())
     assert summary["summary"]["model"] == model.spec and len(summary["latents"]) == 4
     assert summary["summary"]["n_rows"] == 10 * model.token_layout.n_tokens
     assert (tmp_path / "out" / "fvu_vs_l0.png").stat().st_size > 1000
+    images = synthetic_images(10, seed=0)  # what --synthetic 10 reads
+    expected = collect_dashboard_data(model, sae, images, preprocess, n_latents=4, top_k=3, batch_size=4,
+                                      heatmaps=False, progress=False).summary  # fmt: skip
+    assert summary["summary"]["fvu"] == pytest.approx(expected["fvu"], rel=1e-5)
+    assert f"FVU {expected['fvu']:.4f}" in captured.out
 
 
 def test_fvu_l0_curve_over_inference_k_for_the_matryoshka_sae():
@@ -193,12 +194,12 @@ def test_cards_show_concept_names_for_an_embedding_sae(clip):
     assert "&lt;b&gt;bold&lt;/b&gt;" in page and "<b>bold</b>" not in page  # names are escaped
 
 
-def test_sae_vision_dashboard_subcommand_help(monkeypatch, capsys):
+def test_sae_vision_dashboard_subcommand_help(capsys):
     from sae_vision_ext import cli
 
-    monkeypatch.setitem(cli.SUBCOMMANDS, "dashboard", "sae_vision_ext.analysis.dashboard")
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["dashboard", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--sae" in out and "examples:" in out and "sae-vision dashboard --sae" in out
+    assert "--dataset" in out and "--output" in out and "--no-pretrained" not in out

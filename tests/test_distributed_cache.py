@@ -136,7 +136,7 @@ def test_sae_vision_cache_under_torchrun_equals_a_single_process_run(tmp_path):
         Image.fromarray(rng.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
     args = ["cache", "--dataset", str(folder), "--model", "timm:vit_tiny_patch16_224", "--random-init",
             "--img-size", "32", "--hook", HOOK, "--tokens", "all", "--model-batch-size", "2", "--workers", "0",
-            "--device", "cpu", "--seed", "3", "--images", "14", "--shard-images", "4", "--quiet"]
+            "--device", "cpu", "--seed", "3", "--images", "14", "--allow-repeat", "--shard-images", "4", "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for command in ([*launch, "-m", "sae_vision_ext.cli", *args, "--output", str(tmp_path / "ddp")],

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sae_vision_ext.errors import UserError
 from sae_vision_ext.training.distributed import (
     CachedActivationRows,
     DistributedContext,
@@ -216,41 +217,72 @@ def test_cached_activation_rows_random_access(tmp_path):
     assert torch.equal(next(RankBatches(rows, 20, 1, 2)), torch.from_numpy(flat[10:20]))
 
 
-def test_cli_help_is_fast_and_lists_torchrun_usage():
-    from sae_vision_ext.training.distributed import build_parser
+def test_cli_help_lists_torchrun_usage(capsys):
+    from sae_vision_ext.commands.train_distributed import main
 
-    text = build_parser().format_help()
-    assert "torchrun" in text and "--activations" in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "torchrun" in text and "-m sae_vision_ext.cli train-distributed" in text
+    for flag in ("--cache", "--rows", "--sae", "--expansion", "--hook", "--checkpoint-path", "--checkpoints"):
+        assert flag in text
+    assert "--activations" not in text and "--training-samples" not in text
 
 
-def test_module_cli_trains_from_a_cache_and_saves_a_loadable_sae(tmp_path, capsys):
+def test_cli_trains_from_a_cache_and_saves_a_loadable_sae(tmp_path, capsys):
     import datasets
     from sae_lens import SAE
 
-    from sae_vision_ext.training.distributed import main
+    from sae_vision_ext.commands.train_distributed import main
 
     rows = _rows().numpy()
     hook = "blocks.3.hook_resid_post"
     features = datasets.Features({hook: datasets.Array2D(shape=(8, D_IN), dtype="float32")})
     datasets.Dataset.from_dict({hook: rows.reshape(-1, 8, D_IN)}, features=features).save_to_disk(
         str(tmp_path / "cache"))
-    code = main(["--activations", str(tmp_path / "cache"), "--d-sae", "32", "--k", "4", "--batch-size", "32",
-                 "--training-samples", "320", "--checkpoint-dir", str(tmp_path / "ckpt"), "--output",
-                 str(tmp_path / "sae"), "--sae-option", "aux_loss_coefficient=0.5"])
+    code = main(["--cache", str(tmp_path / "cache"), "--sae", "d_sae=32", "k=4", "--batch-size", "32",
+                 "--rows", "320", "--checkpoint-path", str(tmp_path / "ckpt"), "--output",
+                 str(tmp_path / "sae"), "--sae", "aux_loss_coefficient=0.5", "--quiet"])  # fmt: skip
     assert code == 0
     summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1]
     assert '"steps": 10' in summary and '"world_size": 1' in summary
     sae = SAE.load_from_disk(str(tmp_path / "sae"))
-    assert sae.cfg.d_in == D_IN and sae.cfg.d_sae == 32
+    assert sae.cfg.d_in == D_IN and sae.cfg.d_sae == 32 and sae.cfg.k == 4
     assert any(p.name.startswith("final_") for p in (tmp_path / "ckpt").iterdir())
 
 
-def test_cli_subcommand_for_the_lead_to_wire():
-    import argparse
+def test_cli_sae_size_flags():
+    from sae_vision_ext.commands.train_distributed import DistributedTrainConfig, sae_config
 
-    from sae_vision_ext.training.distributed import add_parser, run
+    cfg = DistributedTrainConfig(cached_activations_path="x", training_rows=10, sae=["k=32"], expansion=4)
+    assert sae_config(cfg, 16, "cpu") | {"k": 32} == sae_config(cfg, 16, "cpu")
+    assert sae_config(cfg, 16, "cpu")["d_sae"] == 64 and cfg.train_batch_size_rows == 4096
+    assert sae_config(DistributedTrainConfig("x", 10), 16, "cpu")["d_sae"] == 8 * 16
+    with pytest.raises(UserError, match="--expansion must be a positive integer"):
+        sae_config(DistributedTrainConfig("x", 10, expansion=0), 16, "cpu")
+    with pytest.raises(UserError, match="not both"):
+        sae_config(DistributedTrainConfig("x", 10, expansion=2, sae=["d_sae=8"]), 16, "cpu")
 
-    parser = argparse.ArgumentParser(prog="sae-vision")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train-distributed", "--activations", "x", "--training-samples", "10"])
-    assert args.func is run and args.batch_size == 4096
+
+def test_cli_under_torchrun_trains_on_two_processes(tmp_path):
+    """``torchrun --nproc_per_node 2 -m sae_vision_ext.cli train-distributed ...`` (gloo, loopback)."""
+    import subprocess
+    import sys
+
+    import datasets
+
+    hook = "blocks.3.hook_resid_post"
+    features = datasets.Features({hook: datasets.Array2D(shape=(8, D_IN), dtype="float32")})
+    datasets.Dataset.from_dict({hook: _rows().numpy().reshape(-1, 8, D_IN)}, features=features).save_to_disk(
+        str(tmp_path / "cache"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "sae_vision_ext.cli", "train-distributed", "--cache", str(tmp_path / "cache"), "--sae", "k=4",
+               "--expansion", "4", "--batch-size", "32", "--rows", "320", "--output", str(tmp_path / "sae"),
+               "--quiet"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1  # printed by rank 0 only
+    assert '"world_size": 2' in summaries[0] and '"steps": 10' in summaries[0]
+    assert (tmp_path / "sae" / "cfg.json").exists()

@@ -50,35 +50,39 @@ def test_identifiability_of_perfect_and_random_dictionaries():
         identifiability(permuted[:5], data.atoms)
 
 
-def _synthetic_args(*argv):
-    import argparse
-
-    from sae_vision_ext.evals import synthetic
-
-    parser = argparse.ArgumentParser(prog="sae-vision")
-    synthetic.add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["synthetic", *argv])
-
-
 def test_synthetic_command_config_sizes_follow_the_ground_truth(tmp_path):
-    from sae_vision_ext.evals.synthetic import synthetic_report_config
+    from sae_vision_ext.commands.synthetic import synthetic_config
 
-    cfg = synthetic_report_config(_synthetic_args("--kind", "hierarchical", "--out", str(tmp_path), "--tiny",
-                                                  "--n-coarse", "5", "--n-fine", "3", "--true-k", "2"))  # fmt: skip
+    cfg, _ = synthetic_config(["--kind", "hierarchical", "--output", str(tmp_path), "--tiny",
+                               "--n-coarse", "5", "--n-fine", "3", "--true-k", "2"])  # fmt: skip
     assert cfg.data == "synthetic-hierarchical" and cfg.d_sae == 5 * (1 + 3)
     assert cfg.synthetic_kwargs["k_coarse"] == 2 and cfg.k == 4 and cfg.topk_ks == [2, 4, 8]
     assert cfg.stability is False and cfg.n_candidates >= 4 * cfg.d_sae
-    cfg = synthetic_report_config(_synthetic_args("--out", str(tmp_path), "--d-sae", "40", "--k", "3"))
+    cfg, _ = synthetic_config(["--output", str(tmp_path), "--d-sae", "40", "--k", "3"])
     assert cfg.data == "synthetic-sparse" and cfg.d_sae == 40 and cfg.k == 3
     assert cfg.synthetic_kwargs == {"d_in": 32, "n_atoms": 64, "k": 4, "noise_std": 0.01}
+    assert cfg.n_candidates >= 4 * 40  # the candidates follow the d_sae given
+    assert synthetic_config(["--output", str(tmp_path), "-k", "3"])[0].k == 3  # the short alias counts too
+    cfg, _ = synthetic_config(["--kind", "hierarchical", "--output", str(tmp_path), "--stability-seeds", "3"])
+    assert cfg.stability is True  # the epilog's stability example does run the stability study
+
+
+def test_synthetic_help_shows_the_defaults_of_the_kind_asked_for(capsys):
+    from sae_vision_ext.commands.synthetic import main
+
+    for argv, d_sae in ((["--kind", "hierarchical", "--tiny"], 6 * 3), (["--kind", "sparse"], 64)):
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        assert f"latents of every SAE (default: {d_sae})" in " ".join(capsys.readouterr().out.split())
 
 
 def test_synthetic_command_reports_identifiability_against_baselines(tmp_path):
     import json
 
-    args = _synthetic_args("--kind", "sparse", "--out", str(tmp_path), "--tiny", "--families", "topk", "ra_sae",
-                           "--topk-ks", "2", "--n-train-rows", "6144")  # fmt: skip
-    assert args.func(args) == 0
+    from sae_vision_ext.commands.synthetic import main
+
+    assert main(["--kind", "sparse", "--output", str(tmp_path), "--tiny", "--families", "topk", "ra_sae",
+                 "--topk-ks", "2", "--n-train-rows", "6144", "--quiet"]) == 0  # fmt: skip
     payload = json.loads((tmp_path / "results.json").read_text())
     ident = {row["method"]: row["identifiability"] for row in payload["identifiability"]}
     assert ident["true atoms, permuted (baseline)"] == pytest.approx(1.0, abs=1e-6)

@@ -28,8 +28,8 @@ def test_capture_default_dinov2_reg4_on_photos():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "vit_base_patch14_reg4_dinov2" in out
-    if "random-init" in out:  # no weights in the local cache: the script must say so clearly
-        assert "RANDOM weights" in out
+    if "RANDOM weights" in out:  # no weights to be had offline: the script must say so clearly
+        assert "note: no pretrained weights for timm:vit_base_patch14_reg4_dinov2.lvd142m" in out
     assert "1 CLS + 4 registers + 16 patches (grid 4x4) = 21 tokens" in out
     assert "astronaut, coffee, chelsea" in out
     shapes = {line.split()[0]: line.split("]")[0].split("[")[1] for line in out.splitlines()
@@ -49,4 +49,4 @@ def test_capture_open_clip_with_chosen_hooks_and_stop(capsys):
     assert code == 0
     lines = [line.split() for line in out.splitlines() if line.startswith("  ")]
     assert [line[0] for line in lines] == ["hook_embed", "blocks.2.hook_mlp_out"]
-    assert "[2, 5, 768]" in out and "model output" not in out and "(random-init(seed=0))" in out
+    assert "[2, 5, 768]" in out and "model output" not in out and "(RANDOM weights (seed 0))" in out

@@ -12,7 +12,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.
 def test_torchrun_two_processes_match_single_process(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(EXAMPLE), "--tiny", "--check", "--out", str(tmp_path)]
+               str(EXAMPLE), "--tiny", "--check", "--output", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))

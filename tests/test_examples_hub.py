@@ -54,7 +54,7 @@ def test_tiny_loads_by_release_name_from_the_local_cache(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "(random-init(seed=0))" in out  # --tiny: random weights, said in the model line
+    assert "(RANDOM weights (seed 0))" in out  # --tiny: random weights, said in the model line
     assert "SAE msae-clip-vit-b-16/centered: matryoshka_topk d_in=512 d_sae=4096" in out
     assert "hook_image_embed" in out and "ReLU : cosine" in out and "TopK 16: cosine" in out
     assert "astronaut" in out and "top latents" in out

@@ -29,7 +29,7 @@ def test_compare_saes_help_has_an_example(capsys):
 
 
 def test_compare_saes_tiny_writes_a_report(tmp_path):
-    result = _run("--out", str(tmp_path), "--tiny", "--families", "topk", "msae_rw", "--topk-ks", "4",
+    result = _run("--output", str(tmp_path), "--tiny", "--families", "topk", "msae_rw", "--topk-ks", "4",
                   "--stability-seeds", "0")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| method |" in result.stdout and "msae_rw" in result.stdout

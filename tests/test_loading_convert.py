@@ -1,14 +1,15 @@
 """``sae-vision convert``: foreign checkpoint -> SAELens folder (safetensors), loadable with load_from_disk."""
 
-import argparse
 import os
+import re
 
 import pytest
 import torch
 from test_loading_msae import L14, REPO, authors_checkpoint, authors_forward
 
+from sae_vision_ext.commands.convert import main
 from sae_vision_ext.loading import register_releases
-from sae_vision_ext.loading.convert import add_parser
+from sae_vision_ext.loading.convert import convert_checkpoint
 from sae_vision_ext.loading.hub_cache import seed_hf_cache
 from sae_vision_ext.loading.safe_load import UnsafeCheckpointError
 
@@ -16,10 +17,15 @@ register_releases()
 
 
 def cli(*argv):
-    parser = argparse.ArgumentParser(prog="sae-vision")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["convert", *map(str, argv)])
-    return args.func(args)
+    return main([str(a) for a in argv])
+
+
+def fails(capsys, *argv) -> str:
+    """``sae-vision convert`` exits with code 2 and one line on stderr; returns that line."""
+    assert cli(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("sae-vision convert: error:"), err
+    return err
 
 
 
@@ -38,9 +44,9 @@ def test_convert_local_authors_file(tmp_path, capsys):
         cli(
             tmp_path / "msae.pth",
             tmp_path / "out",
-            "--model-name",
+            "--model",
             "open_clip:ViT-L-14/openai",
-            "--hook-name",
+            "--hook",
             "hook_image_embed",
             "--k",
             "8",
@@ -93,19 +99,31 @@ class _Payload:
 
 
 def test_convert_errors(tmp_path, hf_cache, capsys):
-    with pytest.raises(ValueError, match="pass --sae-id"):
-        cli("msae-clip-vit-l-14", tmp_path / "out")
-    with pytest.raises(ValueError, match="unknown release 'msae-l14'.*msae-clip-vit-l-14"):
-        cli("msae-l14", tmp_path / "out", "--sae-id", "centered")
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        cli(tmp_path / "typo.pth", tmp_path / "out")
+    assert re.search("pass --sae-id", fails(capsys, "msae-clip-vit-l-14", tmp_path / "out"))
+    err = fails(capsys, "msae-l14", tmp_path / "out", "--sae-id", "centered")
+    assert re.search("unknown release 'msae-l14'.*msae-clip-vit-l-14", err)
+    assert "checkpoint not found" in fails(capsys, tmp_path / "typo.pth", tmp_path / "out")
     with pytest.raises(SystemExit):
         cli(tmp_path / "x.pth", tmp_path / "out", "--format", "pickle")
     assert "invalid choice" in capsys.readouterr().err
     torch.save({"model": _Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(UnsafeCheckpointError):
-        cli(tmp_path / "evil.pth", tmp_path / "out")
+    assert "refused to unpickle" in fails(capsys, tmp_path / "evil.pth", tmp_path / "out")
+    with pytest.raises(UnsafeCheckpointError):  # what the library raises
+        convert_checkpoint(tmp_path / "evil.pth", tmp_path / "out")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    for fmt in ("auto", "msae", "overcomplete"):
+        err = fails(capsys, tmp_path / "garbage.pth", tmp_path / "out", "--format", fmt)
+        assert "not a readable PyTorch checkpoint" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_reads_a_legacy_format_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    W, b, D = torch.randn(20, 6), torch.randn(20), torch.randn(20, 6)
+    state = {"encoder.final_block.0.weight": W, "encoder.final_block.0.bias": b, "dictionary._weights": D}
+    torch.save(state, tmp_path / "sae.pt", _use_new_zipfile_serialization=False)  # not mmap-able
+    assert cli(tmp_path / "sae.pt", tmp_path / "out", "--sparsity", "topk", "--k", "3") == 0  # format auto
+    assert _load(tmp_path / "out").cfg.d_sae == 20
 
 
 def test_help_has_an_example(capsys):

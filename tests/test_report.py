@@ -1,16 +1,10 @@
-import argparse
 import json
 
 import pytest
 import torch
 
-from sae_vision_ext.evals.report import ReportConfig, add_parser, config_from_args, markdown_table, run_report
-
-
-def _parser():
-    parser = argparse.ArgumentParser(prog="sae-vision")
-    add_parser(parser.add_subparsers(dest="command"))
-    return parser
+from sae_vision_ext.commands.report import report_config
+from sae_vision_ext.evals.report import ReportConfig, markdown_table, run_report
 
 
 def test_markdown_table_formats_values():
@@ -19,13 +13,16 @@ def test_markdown_table_formats_values():
 
 
 def test_cli_arguments_override_the_tiny_preset(tmp_path):
-    args = _parser().parse_args(["report", "--out", str(tmp_path), "--tiny", "--topk-ks", "2", "3", "--k", "3",
-                                 "--stability-seeds", "0", "--families", "topk", "relu"])  # fmt: skip
-    cfg = config_from_args(args)
+    cfg, options = report_config(["--output", str(tmp_path), "--tiny", "--topk-ks", "2", "3", "--k", "3",
+                                  "--stability-seeds", "0", "--families", "topk", "relu"])  # fmt: skip
+    assert options.tiny and cfg.out == str(tmp_path)
     assert cfg.topk_ks == [2, 3] and cfg.k == 3 and cfg.families == ["topk", "relu"]
     assert cfg.stability is False and cfg.d_sae == ReportConfig.tiny().d_sae
+    assert cfg.synthetic_kwargs == ReportConfig.tiny().synthetic_kwargs  # not a flag: from the preset
+    cfg, _ = report_config(["--out", str(tmp_path), "--no-standardize"])
+    assert cfg == ReportConfig(out=str(tmp_path), standardize=False)  # the full-size defaults
     with pytest.raises(SystemExit):
-        _parser().parse_args(["report"])  # --out is required
+        report_config([])  # --output is required
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def test_unwritable_output_fails_before_training(tmp_path, monkeypatch):
 def test_msae_run_writes_a_saelens_folder_with_vision_metadata(tmp_path):
     from sae_lens import SAE
 
-    from sae_vision_ext.training.cli_commands import evaluate_sae_folder
+    from sae_vision_ext.evals.saved import evaluate_sae_folder
 
     sae_cfg = {"architecture": "matryoshka_topk", "d_in": 192, "d_sae": 256, "k_levels": [8, 32, 256],
                "level_weighting": "reverse", "standardize_input": True}  # fmt: skip
@@ -93,7 +93,7 @@ def test_msae_run_writes_a_saelens_folder_with_vision_metadata(tmp_path):
     meta = json.loads((out / "cfg.json").read_text())["metadata"]
     assert meta["modality"] == "vision" and meta["model_name"] == TINY_MODEL and meta["hook_name"] == HOOK
     assert meta["token_selection"] == "all" and meta["image_size"] == [32, 32] and meta["context_size"] == 5
-    assert meta["weights"] == "random-init(seed=5)" and meta["token_layout"]["n_patches"] == 4
+    assert meta["weights"] == {"source": "random-init", "seed": 5} and meta["token_layout"]["n_patches"] == 4
     metrics = json.loads((out / "eval_metrics.json").read_text())
     assert metrics["source"] == "held-out images" and metrics["n_rows"] == 8 * 5
     assert 0 <= metrics["fvu"] < 1 and 0 < metrics["cosine"] <= 1 and metrics["l0"] > 0
@@ -113,6 +113,8 @@ def test_msae_run_writes_a_saelens_folder_with_vision_metadata(tmp_path):
     source = ImageActivationSource(model, preprocess, images, HOOK, "all", shuffle=False)
     direct = evaluate_sae(loaded, (c.rows[HOOK] for c in source.iter_chunks(0, 4)))
     assert from_folder["fvu"] == pytest.approx(direct["fvu"], rel=1e-5)
+    assert [row["k"] for row in from_folder["per_k"]] == [8, 32, 256]  # a Matryoshka SAE: every trained level
+
 
 
 def test_several_hooks_train_with_multi_sae_trainer_and_resume_after_sigterm(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import yaml
 from vision_training_helpers import TINY_MODEL, synthetic_images
 
 import sae_vision_ext  # noqa: F401  (registers the plugin's architectures)
-from sae_vision_ext.training.cli_commands import main as cli_main
+from sae_vision_ext.cli import main as cli_main
 from sae_vision_ext.training.config import VisionSAERunnerConfig, apply_overrides, parse_value
 
 
@@ -73,27 +73,38 @@ def test_cli_cache_train_eval(tmp_path, capsys):
         image.save(photos / f"p{i}.png")
     common = ["--model", TINY_MODEL, "--random-init", "--img-size", "32", "--hook", "blocks.1.hook_resid_post",
               "--tokens", "all", "--dataset", str(photos), "--workers", "0", "--seed", "3", "--quiet"]  # fmt: skip
-    assert cli_main(["cache", *common, "--output", str(tmp_path / "cache"), "--images", "24",
+    assert cli_main(["cache", *common, "--output", str(tmp_path / "cache"), "--images", "24", "--allow-repeat",
                      "--shard-images", "8"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "rows: 120 (5 per image)" in out and "skipped: 0" in out
 
-    assert cli_main(["train", "--cache", str(tmp_path / "cache"), "--hook", "blocks.1.hook_resid_post", "--tokens",
-                     "all", "--architecture", "topk", "--set", "sae.k=8", "--expansion", "2", "--rows", "256",
-                     "--batch-size", "32", "--output", str(tmp_path / "sae"), "--quiet"]) == 0  # fmt: skip
+    # hook, token selection and model come from the cache itself
+    assert cli_main(["train", "--cache", str(tmp_path / "cache"), "--architecture", "topk", "--sae", "k=8",
+                     "--expansion", "2", "--rows", "256", "--batch-size", "32", "--output", str(tmp_path / "sae"),
+                     "--quiet"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "trained on 256 rows" in out and "FVU" in out and str(tmp_path / "sae") in out
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["d_in"] == 192 and cfg["d_sae"] == 384 and cfg["k"] == 8  # d_in read off the cache
 
-    assert cli_main(["train", *common, "--architecture", "matryoshka_topk", "--d-sae", "256", "--set",
-                     "sae.k_levels=[8,256]", "--rows", "192", "--batch-size", "32", "--holdout", "1",
+    assert cli_main(["train", *common, "--architecture", "matryoshka_topk", "--sae", "d_sae=256",
+                     "k_levels=[8,256]", "--rows", "192", "--batch-size", "32", "--holdout", "1",
                      "--n-eval-images", "4", "--output", str(tmp_path / "msae")]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "held-out images (20 rows)" in out
     assert json.loads((tmp_path / "msae" / "cfg.json").read_text())["d_in"] == 192  # read off the model's hook
+    trained = json.loads((tmp_path / "msae" / "eval_metrics.json").read_text())
 
-    assert cli_main(["eval", str(tmp_path / "sae"), "--cache", str(tmp_path / "cache"), "--n-images", "4"]) == 0
+    # eval with no data rebuilds the run's held-out rows and its random-init model: the training-time numbers
+    assert cli_main(["eval", str(tmp_path / "msae"), "--json", str(tmp_path / "again.json"), "--quiet"]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["n_rows"] == trained["n_rows"] == 20
+    assert again["fvu"] == pytest.approx(trained["fvu"], rel=1e-6)
+    assert again["cosine"] == pytest.approx(trained["cosine"], rel=1e-6)
+    assert [row["k"] for row in again["per_k"]] == [8, 256]
+    assert f"FVU {trained['fvu']:.4f}" in capsys.readouterr().out
+
+    assert cli_main(["eval", str(tmp_path / "sae"), "--cache", str(tmp_path / "cache"), "--n-eval-images", "4"]) == 0
     assert "cosine" in capsys.readouterr().out
 
 

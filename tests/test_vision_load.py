@@ -16,7 +16,7 @@ from sae_vision_ext.vision.hooked_vision_model import (
     UnknownHookError,
     describe_hook_names,
 )
-from sae_vision_ext.vision.load import load_vision_model, load_vision_model_or_random, parse_spec
+from sae_vision_ext.vision.load import file_sha256, load_vision_model, load_vision_model_or_random, parse_spec
 
 TINY = "timm:vit_tiny_patch16_224"
 # open_clip builds below use a small text tower where the text tower is not under test (cheaper init)
@@ -94,7 +94,7 @@ def test_load_or_random_falls_back_loudly_and_reproducibly(tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # "pretrained" with no local weights: a random init drawn from the seed, and a note that says so
     a, _, described = load_vision_model_or_random(TINY, img_size=64, seed=3, say=said.append)
-    assert described == "random-init(seed=3)" and "RANDOM weights" in said[0]
+    assert described == {"source": "random-init", "seed": 3} and "RANDOM weights (seed 3)" in said[0]
     b, _, _ = load_vision_model_or_random(TINY, img_size=64, pretrained=False, seed=3, say=said.append)
     assert len(said) == 1  # asked-for random weights need no note
     for v1, v2 in zip(a.model.state_dict().values(), b.model.state_dict().values()):
@@ -103,8 +103,8 @@ def test_load_or_random_falls_back_loudly_and_reproducibly(tmp_path, monkeypatch
     path = tmp_path / "tiny.pth"
     torch.save(a.model.state_dict(), path)
     c, _, described = load_vision_model_or_random(TINY, img_size=64, weights=path, seed=4)
-    assert described == str(path) and torch.equal(next(iter(c.model.state_dict().values())),
-                                                   next(iter(a.model.state_dict().values())))
+    assert described == {"source": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
+    assert torch.equal(next(iter(c.model.state_dict().values())), next(iter(a.model.state_dict().values())))
 
 
 def test_local_weights_open_clip(tmp_path):

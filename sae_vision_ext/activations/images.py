@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from sae_vision_ext.activations.options import AUGMENTATIONS
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-AUGMENTATIONS = ("none", "crop_flip")
 
 
 def to_rgb_image(item: Any):

@@ -19,6 +19,12 @@ from typing import Any
 import torch
 
 from sae_vision_ext.activations.images import PositionedImages, image_batches, open_images
+from sae_vision_ext.activations.options import (  # noqa: F401  (re-exported)
+    ALL_SELECTIONS,
+    POOLED_SELECTIONS,
+    TOKEN_SELECTIONS,
+    resolve_hooks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,29 +40,6 @@ def forward_lock(model: Any) -> threading.Lock:
         if lock is None:
             lock = _FORWARD_LOCKS[model] = threading.Lock()
         return lock
-
-TOKEN_SELECTIONS = ("cls", "registers", "prefix", "patches", "all")
-POOLED_SELECTIONS = {"pooled": "hook_pooled", "embed": "hook_image_embed"}
-ALL_SELECTIONS = TOKEN_SELECTIONS + tuple(POOLED_SELECTIONS)
-
-
-def resolve_hooks(hook_names: str | list[str] | tuple[str, ...] | None, token_selection: str) -> list[str]:
-    """Hook names as a list; ``pooled`` / ``embed`` fill in (or check) their hook."""
-    if token_selection not in ALL_SELECTIONS:
-        raise ValueError(f"token_selection must be one of {', '.join(ALL_SELECTIONS)}; got {token_selection!r}")
-    if hook_names is None or hook_names == [] or hook_names == "":
-        if token_selection in POOLED_SELECTIONS:
-            return [POOLED_SELECTIONS[token_selection]]
-        raise ValueError(f"a hook name is needed for token_selection={token_selection!r}")
-    names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
-    if len(set(names)) != len(names):
-        raise ValueError(f"hook names repeat: {names}")
-    if token_selection in POOLED_SELECTIONS:
-        expected = POOLED_SELECTIONS[token_selection]
-        if names != [expected]:
-            raise ValueError(f"token_selection={token_selection!r} reads the hook {expected!r}, not {names}")
-    return names
-
 
 def stop_layer_for(hook_names: list[str]) -> int | None:
     """``stop_at_layer`` that still computes every hook: one past the deepest block, None for a full pass."""

@@ -200,6 +200,23 @@ class ImageActivationStore:
             at_start = dict(self.counters)
             self._position = {"segment": segment, "batches_in_segment": 0, "counters_at_segment_start": at_start}
 
+    # ------------------------------------------------------------------ repetition
+    def epochs_for(self, rows: int) -> float:
+        """Passes over the image collection that ``rows`` training rows take (unreadable images aside)."""
+        return rows / max(1, self.source.n_images * self.source.tokens_per_image)
+
+    def repetition_message(self, rows: int) -> str | None:
+        """What training on ``rows`` rows repeats (None when one pass over the images covers them)."""
+        n_images, per_image = self.source.n_images, self.source.tokens_per_image
+        if rows <= n_images * per_image:
+            return None
+        augment = getattr(getattr(self.source, "dataset", None), "augment", "none")
+        head = (f"training on {rows:,} rows from {n_images:,} images x {per_image:,} rows per image: "
+                f"{self.epochs_for(rows):.1f} passes over the images")  # fmt: skip
+        if augment == "none":
+            return f"{head}, the same views each pass (no augmentation)"
+        return f"{head}, each pass new random views (augment={augment!r})"
+
     # ------------------------------------------------------------------ position
     def state_dict(self) -> dict[str, Any]:
         """Where the stream is: enough to resume and hand out exactly the next batch."""
@@ -319,6 +336,17 @@ class CachedActivationStore:
         if self.dict_batches:
             return out
         return out[self.hooks[0]]
+
+    def epochs_for(self, rows: int) -> float:
+        """Epochs over the cache that ``rows`` training rows take."""
+        return rows / self.total_rows
+
+    def repetition_message(self, rows: int) -> str | None:
+        """``"training on R rows from a cache of C rows: E epochs"`` when ``rows`` exceeds the cache."""
+        if rows <= self.total_rows:
+            return None
+        epochs = self.epochs_for(rows)
+        return f"training on {rows:,} rows from a cache of {self.total_rows:,} rows: {epochs:.1f} epochs"
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "rows_served": self.rows_served}

@@ -127,13 +127,21 @@ def embed_texts(
     text_encoder: TextEncoder,
     batch_size: int = 256,
     template: str = "{}",
+    progress: bool = True,
 ) -> Tensor:
-    """L2-normalised text embeddings ``[len(words), d]`` of ``template.format(word)``, in batches."""
+    """L2-normalised text embeddings ``[len(words), d]`` of ``template.format(word)``, in batches; ``progress``
+    shows a tqdm bar (words/s) on stderr."""
+    from tqdm.auto import tqdm
+
     chunks = []
-    for start in range(0, len(words), batch_size):
-        prompts = [template.format(word) for word in words[start : start + batch_size]]
-        with torch.no_grad():
-            chunks.append(text_encoder(prompts).detach().float().cpu())
+    bar = tqdm(total=len(words), unit="words", desc="embedding vocabulary", disable=not progress, leave=None,
+               dynamic_ncols=True)  # fmt: skip
+    with bar:
+        for start in range(0, len(words), batch_size):
+            prompts = [template.format(word) for word in words[start : start + batch_size]]
+            with torch.no_grad():
+                chunks.append(text_encoder(prompts).detach().float().cpu())
+            bar.update(len(prompts))
     embeddings = torch.cat(chunks) if chunks else torch.zeros(0, 0)
     return torch.nn.functional.normalize(embeddings, dim=-1)
 
@@ -152,6 +160,7 @@ def cached_text_embeddings(
     template: str = "{}",
     batch_size: int = 256,
     use_cache: bool = True,
+    progress: bool = True,
 ) -> Tensor:
     """:func:`embed_texts` with an on-disk cache keyed by model spec + template + vocabulary hash."""
     from safetensors.torch import load_file, save_file
@@ -161,7 +170,7 @@ def cached_text_embeddings(
         stored = load_file(str(path))["text_embeddings"]
         if stored.shape[0] == len(words):
             return stored
-    embeddings = embed_texts(words, text_encoder, batch_size=batch_size, template=template)
+    embeddings = embed_texts(words, text_encoder, batch_size=batch_size, template=template, progress=progress)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -269,6 +278,7 @@ def name_concepts(
     use_cache: bool = True,
     batch_size: int = 256,
     chunk_size: int = 4096,
+    progress: bool = True,
 ) -> ConceptNames:
     """Name SAE latents by the vocabulary words whose text embeddings best match their decoder atoms.
 
@@ -276,7 +286,7 @@ def name_concepts(
     ``text_encoder`` (a callable ``list[str] -> [n, d]``) or ``model`` (a CLIP-family model with ``encode_text``
     and ``tokenizer``). Embeddings from an encoder are cached on disk under ``model_spec`` (default: the model's
     spec plus a fingerprint of its weights; with a bare ``text_encoder`` and no ``model_spec`` nothing is
-    cached).
+    cached). ``progress`` shows a tqdm bar (words/s) on stderr while the vocabulary is embedded.
     """
     words = load_vocabulary(vocabulary)
     if not words:
@@ -289,10 +299,12 @@ def name_concepts(
             text_encoder = clip_text_encoder(model)
             spec = spec or f"{model_spec_of(model)}@{weights_fingerprint(model)}"
         if spec is None:
-            text_embeddings = embed_texts(words, text_encoder, batch_size=batch_size, template=template)
+            text_embeddings = embed_texts(words, text_encoder, batch_size=batch_size, template=template,
+                                          progress=progress)  # fmt: skip
         else:
             text_embeddings = cached_text_embeddings(
-                words, text_encoder, spec, template=template, batch_size=batch_size, use_cache=use_cache
+                words, text_encoder, spec, template=template, batch_size=batch_size, use_cache=use_cache,
+                progress=progress,
             )
     if text_embeddings.shape[0] != len(words):
         raise ValueError(f"{text_embeddings.shape[0]} text embeddings for {len(words)} words")

@@ -21,13 +21,11 @@ that hide on hover) and needs no network. A small script counts the cards, offer
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +86,13 @@ def _hook_activations(model: Any, hook_name: str, batch: Tensor) -> Tensor:
     return cache[hook_name]
 
 
+def _image_bar(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar over images (img/s) on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc=desc, disable=not enabled, leave=None, dynamic_ncols=True)
+
+
 def _device_dtype(sae: Any) -> tuple[torch.device, torch.dtype]:
     param = next(iter(sae.parameters()))
     return param.device, param.dtype
@@ -111,9 +116,11 @@ def collect_dashboard_data(
     batch_size: int = 32,
     names: Any = None,
     heatmaps: bool = True,
+    progress: bool = True,
 ) -> DashboardData:
     """Statistics, top images and heatmaps of the SAE's latents on ``images`` (PIL images, or anything
-    ``preprocess`` accepts; ``preprocess`` defaults to ``model.preprocess``)."""
+    ``preprocess`` accepts; ``preprocess`` defaults to ``model.preprocess``). ``progress``: tqdm bars
+    (img/s) on stderr for the pass over the images and the heatmap pass."""
     from sae_vision_ext.evals.reconstruction import ReconstructionAccumulator
 
     if rank_by not in RANKINGS:
@@ -141,9 +148,11 @@ def collect_dashboard_data(
     top_index = torch.zeros((d_sae, 0), dtype=torch.long)
     accumulator = ReconstructionAccumulator()
     is_pooled = None
-    with torch.no_grad():
+    bar = _image_bar(len(images), "dashboard: latent statistics", progress)
+    with torch.no_grad(), bar:
         for start in range(0, len(images), batch_size):
             batch = _as_batch(images[start : start + batch_size], preprocess)
+            bar.update(batch.shape[0])
             acts = _hook_activations(model, hook_name, batch.to(getattr(model, "device", "cpu")))
             is_pooled = acts.dim() == 2
             if is_pooled:
@@ -208,7 +217,7 @@ def collect_dashboard_data(
         cards.append(card)
 
     if heatmaps and not is_pooled and layout is not None and layout.n_patches > 0:
-        _fill_heatmaps(model, sae, images, preprocess, hook_name, cards, batch_size)
+        _fill_heatmaps(model, sae, images, preprocess, hook_name, cards, batch_size, progress=progress)
 
     image_size = tuple(getattr(getattr(model, "cfg", None), "image_size", (224, 224)))
     summary = {
@@ -237,15 +246,18 @@ def _fill_heatmaps(
     hook_name: str,
     cards: list[LatentCard],
     batch_size: int,
+    progress: bool = True,
 ) -> None:
     layout = model.token_layout
     needed = sorted({top.index for card in cards for top in card.top})
     latent_index = torch.tensor([card.latent for card in cards], dtype=torch.long)
     maps: dict[int, Tensor] = {}
-    with torch.no_grad():
+    bar = _image_bar(len(needed), "dashboard: heatmaps", progress)
+    with torch.no_grad(), bar:
         for start in range(0, len(needed), batch_size):
             chunk = needed[start : start + batch_size]
             batch = _as_batch([images[i] for i in chunk], preprocess)
+            bar.update(len(chunk))
             acts = _hook_activations(model, hook_name, batch.to(getattr(model, "device", "cpu")))
             patches = layout.select(acts, "patches")
             z = _encode(sae, patches)[..., latent_index].cpu()  # [B, n_patches, n_cards]
@@ -439,7 +451,8 @@ def render_dashboard_html(
 
 
 def fvu_l0_points(
-    sae: Any, rows: Tensor, label: str = "", ks: Sequence[int] | None = None, batch_size: int = 4096
+    sae: Any, rows: Tensor, label: str = "", ks: Sequence[int] | None = None, batch_size: int = 4096,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """FVU and L0 of ``sae`` on activation rows ``[N, d_in]``; with ``ks``, one point per inference-time k
     (``sae.encode(x, k=k)``, for SAEs that choose k at inference such as the Matryoshka SAE)."""
@@ -447,11 +460,11 @@ def fvu_l0_points(
 
     batches = [rows[i : i + batch_size] for i in range(0, rows.shape[0], batch_size)]
     if not ks:
-        result = evaluate_sae(sae, batches)
+        result = evaluate_sae(sae, batches, progress=progress)
         return [{"label": label, "group": label, "l0": result["l0"], "fvu": result["fvu"]}]
     points = []
     for k in ks:
-        result = evaluate_sae(sae, batches, encode_kwargs={"k": int(k)})
+        result = evaluate_sae(sae, batches, encode_kwargs={"k": int(k)}, progress=progress)
         points.append({"label": f"k={k}", "group": label, "l0": result["l0"], "fvu": result["fvu"]})
     return points
 
@@ -496,19 +509,29 @@ def plot_fvu_vs_l0(points: Sequence[dict[str, Any]], path: str | Path | None = N
     return png
 
 
-def collect_rows(model: Any, sae: Any, images: Sequence[Any], preprocess: Callable[[Any], Tensor], batch_size: int = 32) -> Tensor:
+def collect_rows(
+    model: Any,
+    sae: Any,
+    images: Sequence[Any],
+    preprocess: Callable[[Any], Tensor],
+    batch_size: int = 32,
+    progress: bool = True,
+) -> Tensor:
     """The SAE's input rows (its hook, its token selection) for ``images``, as ``[N_rows, d_in]``."""
     hook_name = sae_hook_name(sae)
     selection = sae_token_selection(sae)
     chunks = []
-    for start in range(0, len(images), batch_size):
-        acts = _hook_activations(model, hook_name, _as_batch(images[start : start + batch_size], preprocess))
-        if acts.dim() == 2:
-            chunks.append(acts)
-            continue
-        positions = token_positions(model.token_layout, selection, acts.shape[1])
-        rows = acts if positions is None else acts[:, positions]
-        chunks.append(rows.reshape(-1, rows.shape[-1]))
+    with _image_bar(len(images), "dashboard: SAE input rows", progress) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = _as_batch(images[start : start + batch_size], preprocess)
+            acts = _hook_activations(model, hook_name, batch)
+            bar.update(batch.shape[0])
+            if acts.dim() == 2:
+                chunks.append(acts)
+                continue
+            positions = token_positions(model.token_layout, selection, acts.shape[1])
+            rows = acts if positions is None else acts[:, positions]
+            chunks.append(rows.reshape(-1, rows.shape[-1]))
     return torch.cat(chunks).float()
 
 
@@ -531,26 +554,28 @@ def write_dashboard(
     ks: Sequence[int] | None = None,
     thumb: int = 112,
     title: str = "",
+    progress: bool = True,
 ) -> dict[str, Path]:
     """Write ``dashboard.html`` and ``fvu_vs_l0.png`` into ``out_dir``; returns their paths.
 
     The plot has one point for ``sae`` (or one per ``k`` in ``ks``) and one per ``(label, sae)`` in
-    ``extra_saes`` (SAEs at the same hook, e.g. other sizes), all measured on the same images.
+    ``extra_saes`` (SAEs at the same hook, e.g. other sizes), all measured on the same images. ``progress``:
+    tqdm bars on stderr for each pass over the images (img/s) and each evaluation (rows/s).
     """
     preprocess = preprocess or getattr(model, "preprocess", None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = collect_dashboard_data(
         model, sae, images, preprocess=preprocess, n_latents=n_latents, top_k=top_k, latents=latents,
-        rank_by=rank_by, batch_size=batch_size, names=names,
+        rank_by=rank_by, batch_size=batch_size, names=names, progress=progress,
     )
-    rows = collect_rows(model, sae, images, preprocess, batch_size=batch_size)
+    rows = collect_rows(model, sae, images, preprocess, batch_size=batch_size, progress=progress)
     label = f"{data.summary['architecture']} d_sae={data.summary['d_sae']}"
-    points = fvu_l0_points(sae, rows, label=label, ks=ks)
+    points = fvu_l0_points(sae, rows, label=label, ks=ks, progress=progress)
     for extra_label, extra in extra_saes:
         if sae_hook_name(extra) != sae_hook_name(sae) or sae_token_selection(extra) != sae_token_selection(sae):
             raise ValueError(f"SAE {extra_label!r} is not at the same hook/tokens as the main SAE")
-        points += fvu_l0_points(extra, rows, label=extra_label)
+        points += fvu_l0_points(extra, rows, label=extra_label, progress=progress)
     plot_path = out_dir / "fvu_vs_l0.png"
     png = plot_fvu_vs_l0(points, plot_path, title=f"FVU against L0 at {data.summary['hook_name']}")
     html_text = render_dashboard_html(data, images, thumb=thumb, fvu_plot_png=png, title=title)
@@ -561,141 +586,3 @@ def write_dashboard(
         encoding="utf-8",
     )
     return {"html": html_path, "plot": plot_path, "summary": out_dir / "dashboard_summary.json"}
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-_EPILOG = """examples:
-  sae-vision dashboard --sae runs/clip_b32_embed/final --images ~/data/val_images --out artifacts/dash
-  sae-vision dashboard --sae runs/dino_l12/final --model timm:vit_base_patch14_reg4_dinov2.lvd142m \\
-      --images ~/data/val_images --limit 2000 --n-latents 32 --rank-by frequency
-  sae-vision dashboard --sae runs/msae/final --images imgs/ --ks 16,32,64,128 --name-concepts
-  sae-vision dashboard --demo --out artifacts/dash_demo      # tiny random model + SAE, synthetic images
-"""
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``sae-vision dashboard`` (sets ``func=run``, as ``sae_vision_ext.cli`` expects)."""
-    parser = subparsers.add_parser(
-        "dashboard",
-        help="write an HTML dashboard of an SAE's top latents and a PNG of FVU against L0",
-        description="Write <out>/dashboard.html (self-contained: top-activating images with patch heatmaps, "
-        "names, statistics) and <out>/fvu_vs_l0.png for an SAE checkpoint folder.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    configure_parser(parser)
-    parser.set_defaults(func=run)
-    return parser
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--sae", action="append", default=[], help="SAE folder (SAELens format); repeat to add "
-                        "more SAEs at the same hook to the FVU-L0 plot (the first one gets the dashboard)")
-    parser.add_argument("--model", help="model spec (default: the SAE's metadata.model_name)")
-    parser.add_argument("--no-pretrained", action="store_true", help="random weights (no download), for tests")
-    parser.add_argument("--weights", help="local checkpoint for the model")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", help="image folder, saved HF dataset folder, or HF dataset name")
-    parser.add_argument("--split", default="validation", help="dataset split for --images (default validation)")
-    parser.add_argument("--synthetic", type=int, default=0, help="use N synthetic shape images instead of --images")
-    parser.add_argument("--limit", type=int, default=1000, help="use at most this many images (default 1000)")
-    parser.add_argument("--out", default="artifacts/dashboard", help="output folder (default artifacts/dashboard)")
-    parser.add_argument("--n-latents", type=int, default=16, help="number of latent cards (default 16)")
-    parser.add_argument("--top-k", type=int, default=8, help="top images per latent (default 8)")
-    parser.add_argument("--latents", help="comma-separated latent indices to show instead of the top ones")
-    parser.add_argument("--rank-by", choices=RANKINGS, default="total", help="how to pick the top latents")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--ks", help="comma-separated inference-time k values for the FVU-L0 curve (MSAE)")
-    parser.add_argument("--name-concepts", action="store_true",
-                        help="name latents with CLIP text embeddings (SAE on hook_image_embed of a CLIP model)")
-    parser.add_argument("--vocabulary", help="word list file for --name-concepts (default: shipped English list)")
-    parser.add_argument("--demo", action="store_true", help="tiny random CLIP + random SAE on synthetic images")
-    return parser
-
-
-def _load_images_for_cli(args: argparse.Namespace) -> list[Any]:
-    from sae_vision_ext.analysis.toy import synthetic_images
-
-    if args.synthetic or args.demo:
-        return synthetic_images(args.synthetic or 48, seed=0)
-    if not args.images:
-        raise SystemExit("give --images DIR (or --synthetic N)")
-    from sae_vision_ext.activations.images import open_images
-
-    collection = open_images(args.images, split=args.split)
-    images, skipped = [], 0
-    for index in range(min(len(collection), args.limit)):
-        try:
-            images.append(collection.load(index))
-        except Exception:  # noqa: BLE001 - a corrupt image is skipped and counted
-            skipped += 1
-    if skipped:
-        print(f"skipped {skipped} unreadable images")
-    if not images:
-        raise SystemExit(f"no readable images in {args.images}")
-    return images
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``sae-vision dashboard``."""
-    from sae_vision_ext.analysis.toy import TINY_CLIP_ARCH, make_sae, register_tiny_clip_config
-
-    started = time.perf_counter()
-    images = _load_images_for_cli(args)
-    if args.demo:
-        from sae_vision_ext.analysis.toy import tiny_clip
-
-        model, preprocess = tiny_clip()
-        sae = make_sae(model.cfg.d_model, 64, "blocks.1.hook_resid_post", token_selection="cls", model_name=model.spec)
-        saes = [("demo", sae)]
-    else:
-        if not args.sae:
-            raise SystemExit("give --sae PATH (or --demo)")
-        from sae_lens import SAE  # the plugin's architectures are registered by importing sae_vision_ext
-
-        saes = [(Path(p).name, SAE.load_from_disk(p, device=args.device)) for p in args.sae]
-        sae = saes[0][1]
-        spec = args.model or getattr(sae.cfg.metadata, "model_name", None)
-        if not spec:
-            raise SystemExit("the SAE's metadata has no model_name; pass --model SPEC")
-        if TINY_CLIP_ARCH in spec:
-            register_tiny_clip_config()
-        from sae_vision_ext.vision.load import load_vision_model
-
-        image_size = getattr(sae.cfg.metadata, "image_size", None)
-        img_size = tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size
-        model, preprocess = load_vision_model(
-            spec, pretrained=not args.no_pretrained, device=args.device, weights=args.weights,
-            img_size=img_size if img_size else None,
-        )
-    names = None
-    if args.name_concepts:
-        from sae_vision_ext.analysis.concepts import name_concepts
-
-        names = name_concepts(sae, args.vocabulary, model=model, top_n=6)
-    latents = [int(i) for i in args.latents.split(",")] if args.latents else None
-    ks = [int(k) for k in args.ks.split(",")] if args.ks else None
-    paths = write_dashboard(
-        model, sae, images, args.out, preprocess=preprocess, n_latents=args.n_latents, top_k=args.top_k,
-        latents=latents, rank_by=args.rank_by, names=names, batch_size=args.batch_size,
-        extra_saes=saes[1:], ks=ks,
-    )
-    print(f"dashboard: {paths['html']}")
-    print(f"FVU vs L0: {paths['plot']}")
-    print(f"({len(images)} images, {time.perf_counter() - started:.1f} s)")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sae_vision_ext.analysis.dashboard ...`` (same options as ``sae-vision dashboard``)."""
-    parser = argparse.ArgumentParser(
-        prog="sae-vision dashboard", description=__doc__.splitlines()[0], epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

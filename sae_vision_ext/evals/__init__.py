@@ -6,7 +6,7 @@ dictionary      coherence, mutual_coherence, stable_rank, atom_data_distance, di
 stability       match_dictionaries, stability (Hungarian matching of atoms)
 synthetic       sparse_dictionary_data, hierarchical_data, identifiability; ``sae-vision synthetic``
 compare         MethodSpec, train_method, evaluate_all (every metric for one SAE), evaluate_trained
-report          ReportConfig, run_report; ``sae-vision report``
+report          run_report; ReportConfig in report_config; ``sae-vision report``
 train           train_in_memory (SAELens SAETrainer on in-memory rows), to_inference_sae
 data            load_rows (synthetic data, .pt/.npy/.safetensors files, cached-activation folders)
 """

@@ -118,7 +118,8 @@ def make_candidates(x: Tensor, n_candidates: int, seed: int, path: str | Path) -
     path = Path(path)
     if not path.exists():
         n_candidates = min(n_candidates, x.shape[0])
-        candidates = compute_candidates(rows_from_array(x), n_candidates, seed=seed, sample_rows=x.shape[0])
+        candidates = compute_candidates(rows_from_array(x), n_candidates, seed=seed, sample_rows=x.shape[0],
+                                        progress=False)  # fmt: skip
         candidates.save(path)
     return path
 
@@ -189,7 +190,7 @@ def evaluate_all(
 
     encode_kwargs = encode_kwargs or {}
     x = x.reshape(-1, x.shape[-1])
-    metrics = evaluate_sae(sae, x.split(eval_batch_size), encode_kwargs=encode_kwargs)
+    metrics = evaluate_sae(sae, x.split(eval_batch_size), encode_kwargs=encode_kwargs, progress=False)
     parameter = next(sae.parameters())
     with torch.no_grad():
         recon = torch.cat(

@@ -159,6 +159,16 @@ class ReconstructionAccumulator:
         }
 
 
+def _known_rows(batches: Iterable[Tensor], max_rows: int | None) -> int | None:
+    """Rows in ``batches`` when it is a list or tuple of tensors (else None), capped at ``max_rows``."""
+    total = None
+    if isinstance(batches, (list, tuple)) and all(isinstance(b, Tensor) for b in batches):
+        total = sum(b.shape[:-1].numel() for b in batches)
+    if max_rows is not None:
+        total = max_rows if total is None else min(total, max_rows)
+    return total
+
+
 def _sae_device_dtype(sae: Any) -> tuple[torch.device, torch.dtype]:
     try:
         parameter = next(sae.parameters())
@@ -176,19 +186,25 @@ def evaluate_sae(
     per_sample_center: str = "sample",
     encode: Callable[[Tensor], Tensor] | None = None,
     return_fire_counts: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Stream ``batches`` (each ``[B, d]`` or ``[..., d]``) through ``sae.encode`` / ``sae.decode`` under no_grad.
 
     Returns ``fvu`` (dataset), ``fvu_per_sample`` (MSAE), ``explained_variance`` (1 - fvu), ``cosine``, ``l0``,
     ``fraction_zero``, ``dead_fraction`` (firing frequency < ``dead_threshold`` over the rows seen), plus ``mse``,
     ``n_rows`` and ``d_sae``. ``encode_kwargs`` go to ``sae.encode`` (e.g. ``{"k": 32}`` for the Matryoshka SAE);
-    ``encode`` replaces ``sae.encode`` entirely. ``max_rows`` stops after that many rows.
+    ``encode`` replaces ``sae.encode`` entirely. ``max_rows`` stops after that many rows. ``progress`` shows a
+    tqdm bar (rows/s) on stderr; nested under another bar (a training run, a report) it is cleared when done.
     """
+    from tqdm.auto import tqdm
+
     device, dtype = _sae_device_dtype(sae)
     encode_kwargs = encode_kwargs or {}
     encode_fn = encode if encode is not None else (lambda rows: sae.encode(rows, **encode_kwargs))
     accumulator = ReconstructionAccumulator(per_sample_center=per_sample_center)
-    with torch.no_grad():
+    bar = tqdm(total=_known_rows(batches, max_rows), unit="rows", unit_scale=True, desc="evaluating SAE",
+               disable=not progress, leave=None, dynamic_ncols=True)  # fmt: skip
+    with torch.no_grad(), bar:
         for batch in batches:
             rows = _rows(torch.as_tensor(batch)).to(device=device, dtype=dtype)
             if max_rows is not None:
@@ -199,6 +215,7 @@ def evaluate_sae(
             z = encode_fn(rows)
             x_hat = sae.decode(z)
             accumulator.update(rows, x_hat, z)
+            bar.update(rows.shape[0])
     result = accumulator.result(dead_threshold)
     if return_fire_counts:
         result["fire_counts"] = accumulator.fire_counts

@@ -21,21 +21,21 @@ Protocol
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import itertools
 import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from sae_vision_ext.evals.compare import FAMILIES, MethodSpec, msae_k_levels
+from sae_vision_ext.evals.compare import MethodSpec, msae_k_levels
+from sae_vision_ext.evals.report_config import ReportConfig
 
 MAIN_COLUMNS = [
     ("method", "method"), ("k_inference", "k"), ("l0", "L0"), ("fraction_zero", "frac. zero"), ("fvu", "FVU"),
@@ -44,51 +44,6 @@ MAIN_COLUMNS = [
     ("coherence_mean_max", "coherence"), ("stable_rank", "stable rank"),
     ("atom_data_cosine_distance", "atom-data dist."), ("identifiability", "identif."), ("train_seconds", "train s"),
 ]  # fmt: skip
-
-
-@dataclass
-class ReportConfig:
-    """Sizes and settings of a report run; defaults are the full-size synthetic run, ``tiny()`` the test size."""
-
-    out: str = "sae_report"
-    data: str = "synthetic-hierarchical"
-    key: str | None = None
-    max_rows: int | None = 32768
-    synthetic_kwargs: dict = field(
-        default_factory=lambda: dict(d_in=64, n_coarse=32, n_fine=4, k_coarse=3, noise_std=0.01)
-    )
-    labels: str | None = None
-    test_fraction: float = 0.125
-    standardize: bool = True
-    d_sae: int = 256
-    topk_ks: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
-    k: int = 6  # k of BatchTopK, A-SAE, RA-SAE and the stability runs
-    msae_k_min: int = 3
-    inference_ks: list[int] = field(default_factory=lambda: [1, 2, 3, 6, 12, 24, 48, 96])
-    relu_l1: float = 0.5
-    n_train_rows: int = 262144
-    batch_size: int = 512
-    lr: float = 3e-3
-    n_candidates: int = 1024
-    delta: float = 1.0
-    stability_seeds: int = 3
-    families: list[str] = field(
-        default_factory=lambda: ["topk", "batchtopk", "relu", "msae_uw", "msae_rw", "a_sae", "ra_sae"]
-    )
-    stability: bool = True
-    n_probe_classes: int = 16
-    cknna_rows: int = 1000
-    seed: int = 0
-
-    @classmethod
-    def tiny(cls, **overrides: Any) -> ReportConfig:
-        values = dict(
-            max_rows=2048, synthetic_kwargs=dict(d_in=16, n_coarse=6, n_fine=2, k_coarse=2, noise_std=0.01),
-            d_sae=32, topk_ks=[2, 4, 8], k=4, msae_k_min=2, inference_ks=[1, 2, 4, 8, 16], n_train_rows=1536,
-            batch_size=128, n_candidates=96, stability_seeds=2, n_probe_classes=4, cknna_rows=200,
-        )  # fmt: skip
-        values.update(overrides)
-        return cls(**values)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -112,7 +67,8 @@ def _labels_for(rows: Any, x_train: Tensor, x_test: Tensor, cfg: ReportConfig) -
         return labels[: n_train + x_test.shape[0]], f"labels from {Path(cfg.labels).resolve()}"
     from sae_vision_ext.training.candidates import compute_candidates, rows_from_array
 
-    centroids = compute_candidates(rows_from_array(x_train), cfg.n_probe_classes, seed=cfg.seed).candidates
+    centroids = compute_candidates(rows_from_array(x_train), cfg.n_probe_classes, seed=cfg.seed,
+                                   progress=False).candidates  # fmt: skip
     x_all = torch.cat([x_train, x_test])
     return torch.cdist(x_all, centroids).argmin(dim=1), f"k-means pseudo-classes ({cfg.n_probe_classes})"
 
@@ -188,8 +144,9 @@ def plot_stability(rows: list[dict[str, Any]], path: Path) -> Path:
 class _Runner:
     """Trains each distinct spec once (cached by name) and computes candidates per k-means seed once."""
 
-    def __init__(self, cfg: ReportConfig, x_train: Tensor, out: Path):
+    def __init__(self, cfg: ReportConfig, x_train: Tensor, out: Path, bar: Any = None):
         self.cfg, self.x_train, self.out = cfg, x_train, out
+        self.bar = bar  # a tqdm bar over the report's steps: the run in progress goes in its postfix
         self.trained: dict[str, Any] = {}
         self.candidates: dict[int, Path] = {}
 
@@ -208,7 +165,10 @@ class _Runner:
 
         if spec.name not in self.trained:
             candidates = self.candidates_for(spec.kmeans_seed) if spec.family in CENTROID_FAMILIES else None
-            print(f"[report] training {spec.name}", file=sys.stderr, flush=True)
+            if self.bar is not None and not self.bar.disable:
+                self.bar.set_postfix_str(f"training {spec.name}")
+            else:
+                print(f"[report] training {spec.name}", file=sys.stderr, flush=True)
             self.trained[spec.name] = train_method(
                 spec, self.x_train, self.cfg.d_sae, self.out / "saes", self.cfg.n_train_rows,
                 self.cfg.batch_size, candidates_path=candidates,
@@ -287,9 +247,20 @@ def _identifiability_rows(results: list[dict[str, Any]], true_atoms: Tensor, cfg
     return rows
 
 
-def run_report(cfg: ReportConfig, command: str | None = None) -> Path:
-    """Run the whole comparison and write ``results.md``, ``results.json`` and the PNG plots into ``cfg.out``."""
+def report_steps(cfg: ReportConfig) -> int:
+    """Steps of :func:`run_report`'s progress bar: data, one per main method, one per stability protocol, output."""
+    n_stability = len(stability_protocols(cfg)) if cfg.stability and cfg.stability_seeds >= 2 else 0
+    return 2 + len(main_specs(cfg)) + n_stability
+
+
+def run_report(cfg: ReportConfig, command: str | None = None, progress: bool = True) -> Path:
+    """Run the whole comparison and write ``results.md``, ``results.json`` and the PNG plots into ``cfg.out``.
+
+    ``progress`` shows a tqdm bar on stderr over the report's steps (:func:`report_steps`), the run being trained
+    in its postfix; without it each training prints one ``[report] training NAME`` line.
+    """
     import sae_lens
+    from tqdm.auto import tqdm
 
     import sae_vision_ext
     from sae_vision_ext.evals.compare import evaluate_trained, spec_dict
@@ -300,6 +271,8 @@ def run_report(cfg: ReportConfig, command: str | None = None) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    bar = tqdm(total=report_steps(cfg), unit="step", desc="report: data and probe", disable=not progress,
+               dynamic_ncols=True)  # fmt: skip
 
     rows = load_rows(cfg.data, key=cfg.key, max_rows=cfg.max_rows, seed=cfg.seed,
                      synthetic_kwargs=cfg.synthetic_kwargs if cfg.data.startswith("synthetic") else None)  # fmt: skip
@@ -317,23 +290,30 @@ def run_report(cfg: ReportConfig, command: str | None = None) -> Path:
     labels, labels_description = _labels_for(rows, x_train, x_test, cfg)
     labels_train, labels_test = labels[: x_train.shape[0]], labels[x_train.shape[0] :]
     probe = fit_linear_probe(x_train[:20000], labels_train[:20000], seed=cfg.seed)
+    bar.update()
 
-    runner = _Runner(cfg, x_train, out)
+    runner = _Runner(cfg, x_train, out, bar=bar)
     results: list[dict[str, Any]] = []
+    bar.set_description("report: methods")
     for spec in main_specs(cfg):
         trained = runner.train(spec)
         results.extend(
             evaluate_trained(trained, x_test, head=probe, labels=labels_test, true_atoms=true_atoms,
                              cknna_rows=cfg.cknna_rows)
         )  # fmt: skip
+        bar.update()
 
     stability_rows: list[dict[str, Any]] = []
     if cfg.stability and cfg.stability_seeds >= 2:
+        bar.set_description("report: stability")
         for protocol, specs in stability_protocols(cfg):
             trained = [runner.train(spec) for spec in specs]
             mean, values = _pairwise_stability(trained)
             stability_rows.append({"protocol": protocol, "stability": mean, "pairs": values,
                                    "runs": [t.spec.name for t in trained]})  # fmt: skip
+            bar.update()
+    bar.set_description("report: tables and plots")
+    bar.set_postfix_str("")
 
     # FVU at matched k: TopK trained at k vs MSAE evaluated at inference k (nested k should help)
     matched = []
@@ -374,6 +354,8 @@ def run_report(cfg: ReportConfig, command: str | None = None) -> Path:
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     (out / "results.md").write_text(_markdown(payload, fvu_plot, stability_plot))
+    bar.update()
+    bar.close()
     return out / "results.md"
 
 
@@ -462,89 +444,3 @@ def _markdown(payload: dict[str, Any], fvu_plot: Path, stability_plot: Path | No
             f"![stability]({stability_plot.name})" if stability_plot else "",
         ]  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------------------------------- CLI
-_EPILOG = """examples:
-  sae-vision report --out report_tiny --tiny
-  sae-vision report --out report --data synthetic-hierarchical
-  sae-vision report --out report_clip --data cache/hook_image_embed --key hook_image_embed --d-sae 4096 \\
-      --topk-ks 16 32 64 --k 32 --msae-k-min 16 --n-candidates 16384
-"""
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``sae-vision report``."""
-    parser = subparsers.add_parser(
-        "report",
-        help="train TopK/BatchTopK/ReLU/MSAE/A-SAE/RA-SAE on the same rows and write a comparison report",
-        description=__doc__,
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_report_arguments(parser)
-    parser.set_defaults(func=run)
-    return parser
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (results.md, results.json, PNGs, saes/)")
-    parser.add_argument("--data", default=None,
-                        help="synthetic-hierarchical (default), synthetic-sparse, or a .pt/.npy/.safetensors file "
-                             "or cached-activation folder")  # fmt: skip
-    parser.add_argument("--key", default=None, help="tensor key or dataset column (hook name) inside --data")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes (seconds; what the tests run)")
-    parser.add_argument("--max-rows", type=int, default=None)
-    parser.add_argument("--d-sae", type=int, default=None)
-    parser.add_argument("--topk-ks", type=int, nargs="+", default=None, help="k values of the TopK SAEs, e.g. 8 16 32")
-    parser.add_argument("--k", type=int, default=None, help="k of BatchTopK, A-SAE, RA-SAE and stability runs")
-    parser.add_argument("--msae-k-min", type=int, default=None, help="first MSAE level (then doubled to d_sae)")
-    parser.add_argument("--inference-ks", type=int, nargs="+", default=None, help="inference k values for MSAE")
-    parser.add_argument("--n-train-rows", type=int, default=None, help="rows seen by each SAE in training")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--relu-l1", type=float, default=None, help="L1 coefficient of the ReLU SAE")
-    parser.add_argument("--n-candidates", type=int, default=None, help="k-means candidates for A-SAE / RA-SAE")
-    parser.add_argument("--delta", type=float, default=None, help="RA-SAE relaxation bound")
-    parser.add_argument("--stability-seeds", type=int, default=None, help="runs per stability protocol (0 = skip)")
-    parser.add_argument("--families", nargs="+", default=None, choices=[f for f in FAMILIES if f != "topk_centroids"],
-                        help="subset of the SAE families to train (default: all)")
-    parser.add_argument("--labels", default=None, help=".pt tensor of class labels for the downstream probe")
-    parser.add_argument("--no-standardize", action="store_true", help="train on raw rows (not centred)")
-    parser.add_argument("--seed", type=int, default=None)
-
-
-def config_from_args(args: argparse.Namespace, base: ReportConfig | None = None) -> ReportConfig:
-    overrides = {
-        name: getattr(args, name)
-        for name in ("out", "data", "key", "max_rows", "d_sae", "topk_ks", "k", "msae_k_min", "inference_ks",
-                     "n_train_rows", "batch_size", "lr", "relu_l1", "n_candidates", "delta", "stability_seeds",
-                     "families", "labels", "seed")
-        if getattr(args, name, None) is not None
-    }  # fmt: skip
-    if getattr(args, "no_standardize", False):
-        overrides["standardize"] = False
-    if "stability_seeds" in overrides and overrides["stability_seeds"] < 2:
-        overrides["stability"] = False
-    if base is not None:
-        return ReportConfig(**{**asdict(base), **overrides})
-    return ReportConfig.tiny(**overrides) if args.tiny else ReportConfig(**overrides)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    path = run_report(cfg, command="sae-vision " + " ".join(sys.argv[1:]) if sys.argv else None)
-    print(f"wrote {path}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sae-vision")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_parser(subparsers)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,81 +146,3 @@ def identifiability(learned: Tensor, true: Tensor, allow_sign_flip: bool = False
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
-_EPILOG = """examples:
-  sae-vision synthetic --kind sparse --out synth_sparse --tiny
-  sae-vision synthetic --kind sparse --out synth_sparse --n-atoms 128 --d-in 48 --k 6
-  sae-vision synthetic --kind hierarchical --out synth_hier --stability-seeds 3
-
-The output folder holds results.md (tables, identifiability against the true atoms with the perfect-dictionary and
-random-dictionary baselines, FVU at matched k), results.json, fvu_vs_l0.png and the trained SAE checkpoints.
-"""
-
-
-def synthetic_report_config(args: Any) -> Any:
-    """The ``ReportConfig`` of a synthetic benchmark run (defaults sized per ``--kind`` and ``--tiny``)."""
-    from sae_vision_ext.evals.report import ReportConfig, config_from_args
-
-    tiny = bool(args.tiny)
-    if args.kind == "sparse":
-        data = dict(d_in=args.d_in or (12 if tiny else 32), n_atoms=args.n_atoms or (16 if tiny else 64),
-                    k=args.true_k or (2 if tiny else 4), noise_std=0.01)  # fmt: skip
-        n_true = data["n_atoms"]
-        k = data["k"]
-    else:
-        data = dict(d_in=args.d_in or (16 if tiny else 64), n_coarse=args.n_coarse or (6 if tiny else 32),
-                    n_fine=args.n_fine or (2 if tiny else 4), k_coarse=args.true_k or (2 if tiny else 3),
-                    noise_std=0.01)  # fmt: skip
-        n_true = data["n_coarse"] * (1 + data["n_fine"])
-        k = 2 * data["k_coarse"]
-    d_sae = args.d_sae or n_true
-    base = ReportConfig.tiny() if tiny else ReportConfig()
-    base.data = f"synthetic-{args.kind}"
-    base.synthetic_kwargs = data
-    base.d_sae = d_sae
-    base.k = k
-    base.topk_ks = sorted({max(1, k // 2), k, 2 * k})
-    base.msae_k_min = max(1, k // 2)
-    base.inference_ks = sorted({1, *base.topk_ks, 4 * k})
-    base.n_candidates = max(base.n_candidates, 4 * d_sae)
-    base.families = ["topk", "batchtopk", "relu", "msae_uw", "msae_rw", "a_sae", "ra_sae"]
-    base.stability_seeds = 0
-    base.stability = False
-    return config_from_args(args, base=base)
-
-
-def add_parser(subparsers: Any) -> Any:
-    """Register ``sae-vision synthetic``."""
-    import argparse
-
-    from sae_vision_ext.evals.report import add_report_arguments
-
-    parser = subparsers.add_parser(
-        "synthetic",
-        help="identifiability and nested-k benchmarks on synthetic data with known atoms",
-        description=__doc__,
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--kind", choices=["sparse", "hierarchical"], default="sparse")
-    parser.add_argument("--d-in", type=int, default=None)
-    parser.add_argument("--n-atoms", type=int, default=None, help="sparse: number of true atoms")
-    parser.add_argument("--n-coarse", type=int, default=None, help="hierarchical: number of coarse atoms")
-    parser.add_argument("--n-fine", type=int, default=None, help="hierarchical: children per coarse atom")
-    parser.add_argument("--true-k", type=int, default=None,
-                        help="active true atoms per row (sparse) or active coarse atoms per row (hierarchical)")
-    add_report_arguments(parser)
-    parser.set_defaults(func=run)
-    return parser
-
-
-def run(args: Any) -> int:
-    import sys
-
-    from sae_vision_ext.evals.report import run_report
-
-    if getattr(args, "data", None) is not None:
-        raise SystemExit("sae-vision synthetic generates its own data; use `sae-vision report --data ...` for files")
-    cfg = synthetic_report_config(args)
-    path = run_report(cfg, command="sae-vision " + " ".join(sys.argv[1:]))
-    print(f"wrote {path}")
-    return 0

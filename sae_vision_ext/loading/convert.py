@@ -8,12 +8,13 @@ The result loads with ``SAE.load_from_disk(out_dir)`` after ``import sae_vision_
 
 from __future__ import annotations
 
-import argparse
 import os
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FORMATS = ("auto", "msae", "overcomplete")
 
@@ -32,7 +33,9 @@ def _detect_format(path: Path) -> str:
     from sae_vision_ext.loading.overcomplete import MODULE_CLASSES
     from sae_vision_ext.loading.safe_load import NUMPY_SCALAR_GLOBALS, module_graph_globals, safe_torch_load
 
-    obj = safe_torch_load(path, NUMPY_SCALAR_GLOBALS + module_graph_globals(MODULE_CLASSES), mmap=True)
+    # mmap (no copy of the tensors) works only for torch's zip format, not for legacy checkpoints
+    obj = safe_torch_load(path, NUMPY_SCALAR_GLOBALS + module_graph_globals(MODULE_CLASSES),
+                          mmap=zipfile.is_zipfile(path))  # fmt: skip
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "encoder" in obj["model"]:
         return "msae"
     return "overcomplete"
@@ -112,56 +115,3 @@ def convert_checkpoint(
     out = Path(out_dir)
     sae.save_model(out)
     return out
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``sae-vision convert`` on an argparse subparsers object."""
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert a foreign SAE checkpoint (MSAE authors', overcomplete) into a SAELens folder",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "examples:\n"
-            "  sae-vision convert msae-clip-vit-l-14 out/msae-l14 --sae-id centered\n"
-            "  sae-vision convert hf://WolodjaZ/MSAE/ViT-L_14/centered/6144_768_TopKReLU_64_RW_False_False_0.0"
-            "_cc3m_ViT-L~14_train_image_2905936_768.pth out/msae-l14\n"
-            "  sae-vision convert ra_sae.pth out/ra-sae --format overcomplete --sparsity topk --k 32 \\\n"
-            "      --model-name timm:vit_base_patch14_reg4_dinov2.lvd142m --hook-name blocks.11.hook_resid_post\n"
-            "then: import sae_vision_ext; from sae_lens import SAE; SAE.load_from_disk('out/msae-l14')"
-        ),
-    )
-    parser.add_argument("source", help="a .pth file, hf://org/repo/path/in/repo.pth, or a release name")
-    parser.add_argument("out_dir", help="output folder (cfg.json + sae_weights.safetensors)")
-    parser.add_argument("--sae-id", help="SAE id within the release (when SOURCE is a release name)")
-    parser.add_argument("--format", choices=FORMATS, default="auto", help="checkpoint layout (default: auto)")
-    parser.add_argument("--model-name", help="vision model spec to record, e.g. open_clip:ViT-L-14/openai")
-    parser.add_argument("--hook-name", help="hook the SAE reads, e.g. hook_image_embed")
-    parser.add_argument(
-        "--k", type=int, help="msae: default inference TopK (ReLU if unset); overcomplete: TopK k"
-    )
-    parser.add_argument(
-        "--sparsity", choices=("relu", "topk", "threshold"), help="overcomplete: sparsity rule"
-    )
-    parser.add_argument("--threshold", type=float, help="overcomplete BatchTopK: eval threshold")
-    parser.add_argument(
-        "--delta", type=float, help="overcomplete RA-SAE: relaxation radius (default: from file or 1)"
-    )
-    parser.set_defaults(func=run)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    options = {"k": args.k}
-    if args.format != "msae":
-        options.update(sparsity=args.sparsity, threshold=args.threshold, delta=args.delta)
-    out = convert_checkpoint(
-        args.source,
-        args.out_dir,
-        sae_id=args.sae_id,
-        format=args.format,
-        metadata={"model_name": args.model_name, "hook_name": args.hook_name},
-        **options,
-    )
-    print(f"wrote {out / 'cfg.json'} and {out / 'sae_weights.safetensors'}")
-    return 0

@@ -45,6 +45,7 @@ from sae_lens.saes.sae import SAE, SAEConfig
 from torch import nn
 from typing_extensions import override
 
+from sae_vision_ext import resume_registration
 from sae_vision_ext.loading.safe_load import (
     NUMPY_SCALAR_GLOBALS,
     PickledModule,
@@ -420,3 +421,7 @@ def get_overcomplete_config_from_hf(
 ):
     """SAELens config getter for the same files (reads the checkpoint: the shapes live there)."""
     return _load_from_hf(repo_id, folder_name, device or "cpu", force_download, cfg_overrides)[0]
+
+
+register_overcomplete_architecture()
+resume_registration()

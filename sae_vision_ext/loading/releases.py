@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import importlib
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,15 +117,24 @@ def _lookup(release: VisionRelease):
     )
 
 
+def _deferred(module: str, name: str):
+    """A function that imports ``module.name`` on first call: registering must not import half-loaded modules."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
 def _loaders() -> dict[str, tuple[Any, Any]]:
     """{conversion_func name: (SAELens loader, SAELens config getter)}."""
-    from sae_vision_ext.loading import msae, overcomplete
-
+    msae, overcomplete = "sae_vision_ext.loading.msae", "sae_vision_ext.loading.overcomplete"
     return {
-        MSAE_LOADER: (msae.msae_huggingface_loader, msae.get_msae_config_from_hf),
+        MSAE_LOADER: (_deferred(msae, "msae_huggingface_loader"), _deferred(msae, "get_msae_config_from_hf")),
         OVERCOMPLETE_LOADER: (
-            overcomplete.overcomplete_huggingface_loader,
-            overcomplete.get_overcomplete_config_from_hf,
+            _deferred(overcomplete, "overcomplete_huggingface_loader"),
+            _deferred(overcomplete, "get_overcomplete_config_from_hf"),
         ),
     }
 
@@ -133,9 +143,7 @@ def register_releases() -> list[str]:
     """Make the plugin's releases loadable by name through SAELens; safe to call any number of times."""
     from sae_lens.loading import pretrained_sae_loaders as loaders
 
-    from sae_vision_ext.loading.overcomplete import register_overcomplete_architecture
-
-    register_overcomplete_architecture()
+    importlib.import_module("sae_vision_ext.loading.overcomplete")  # registers the `overcomplete` architecture
     for name, (loader, config_getter) in _loaders().items():
         loaders.NAMED_PRETRAINED_SAE_LOADERS.setdefault(name, loader)
         loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS.setdefault(name, config_getter)

@@ -152,8 +152,10 @@ def _globals_in(path: Path) -> list[str]:
 
 def _torch_reason(message: str) -> str:
     """The line of torch's weights-only error that names the problem."""
-    for line in message.splitlines():
-        if any(word in line for word in ("GLOBAL", "global", "Can only build", "WeightsUnpickler error")):
-            return line.strip().removeprefix("WeightsUnpickler error:").strip()
-    lines = [line for line in message.splitlines() if line.strip()]
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if any(word in line for word in ("GLOBAL", "global", "Can only build")):
+            return line.partition("WeightsUnpickler error:")[2].strip() or line
+        if "WeightsUnpickler error:" in line:  # the reason follows on the same line or the next one
+            return line.partition("WeightsUnpickler error:")[2].strip() or " ".join(lines[i + 1 : i + 2])
     return lines[-1] if lines else "unknown error"

@@ -64,6 +64,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from typing_extensions import override
 
+from sae_vision_ext.saes import register
+
 DictionaryInit = Literal["identity", "random_candidates"]
 
 _LIVE_DICTIONARIES: weakref.WeakSet[ArchetypalDictionary] = weakref.WeakSet()
@@ -742,6 +744,7 @@ if MatryoshkaTopKSAE is not None:
         ArchetypalMatryoshkaTopKTrainingSAE,
         ArchetypalMatryoshkaTopKTrainingSAEConfig,
     ))
+register(ARCHITECTURES)
 
 __all__ = [
     "ARCHITECTURES",

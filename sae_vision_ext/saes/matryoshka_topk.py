@@ -53,6 +53,8 @@ from sae_lens.saes.sae import (
 )
 from torch import nn
 
+from sae_vision_ext.saes import register
+
 ARCHITECTURE_NAME = "matryoshka_topk"
 
 # Cost model of the nested decode (forward + backward, per batch row), in units of one latent of a dense masked
@@ -879,6 +881,7 @@ ARCHITECTURES = [
         MatryoshkaTopKTrainingSAEConfig,
     )
 ]
+register(ARCHITECTURES)
 
 __all__ = [
     "ARCHITECTURES",

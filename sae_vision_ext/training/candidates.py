@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ def rows_from_activation_cache(path: str | Path, hook_name: str | None = None,
     columns = list(ds.column_names)
     if hook_name is None:
         if len(columns) != 1:
-            raise ValueError(f"{path} has columns {columns}; choose the hook column with --hook-name")
+            raise ValueError(f"{path} has columns {columns}; choose the hook column with --hook (hook_name=)")
         hook_name = columns[0]
     if hook_name not in columns:
         raise ValueError(f"{path} has no column {hook_name!r}; its columns are {columns}")
@@ -328,6 +329,14 @@ def load_candidates_file(path: str | Path) -> Candidates:
 
 
 # ----------------------------------------------------------------------------------------------- k-means
+def _row_bar(total: int | None, desc: str, enabled: bool) -> Any:
+    """A tqdm bar over rows read (rows/s) on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="rows", unit_scale=True, desc=desc, disable=not enabled, leave=None,
+                dynamic_ncols=True)  # fmt: skip
+
+
 def _check_chunk(chunk: np.ndarray, d: int | None, n_seen: int) -> None:
     if d is not None and chunk.shape[1] != d:
         raise ValueError(f"row width changed from {d} to {chunk.shape[1]} at row {n_seen}")
@@ -349,6 +358,7 @@ def compute_candidates(
     kmeans_init: Literal["auto", "kmeans++", "random"] = "auto",
     std_eps: float = 1e-6,
     verbose: bool = False,
+    progress: bool = True,
 ) -> Candidates:
     """k-means candidates of a (re-iterable) stream of activation rows; see the module docstring.
 
@@ -356,6 +366,8 @@ def compute_candidates(
     ``refine_passes > 0`` (a :class:`RowSource` does). ``sample_rows`` defaults to ``64 * n_candidates``.
     ``kmeans_init="auto"`` seeds with k-means++ up to ``KMEANS_PP_MAX_K`` centroids and uniformly at random
     above: k-means++ seeding is sequential over k and costs ~70 Lloyd iterations at k = 32,000.
+    ``progress`` shows a tqdm bar (rows/s) on stderr for every pass over the rows; ``verbose`` prints faiss's
+    k-means iterations.
     """
     import faiss
 
@@ -373,15 +385,21 @@ def compute_candidates(
     moments = RunningMoments()
     reservoir: Reservoir | None = None
     d: int | None = None
-    for chunk in _limit_rows(source, max_rows):
-        if chunk.shape[0] == 0:
-            continue
-        _check_chunk(chunk, d, moments.n)
-        if reservoir is None:
-            d = chunk.shape[1]
-            reservoir = Reservoir(sample_rows, d, seed=seed)
-        moments.update(chunk)
-        reservoir.update(chunk)
+    total = getattr(source, "n_rows", None)
+    if max_rows is not None:
+        total = max_rows if total is None else min(total, max_rows)
+    passes = 1 + refine_passes
+    with _row_bar(total, f"candidates: statistics and sample (pass 1/{passes})", progress) as bar:
+        for chunk in _limit_rows(source, max_rows):
+            bar.update(chunk.shape[0])
+            if chunk.shape[0] == 0:
+                continue
+            _check_chunk(chunk, d, moments.n)
+            if reservoir is None:
+                d = chunk.shape[1]
+                reservoir = Reservoir(sample_rows, d, seed=seed)
+            moments.update(chunk)
+            reservoir.update(chunk)
     if reservoir is None or d is None:
         raise ValueError("the row source yielded no rows")
     n_rows = moments.n
@@ -398,6 +416,9 @@ def compute_candidates(
     t_pass1 = time.perf_counter() - t0
 
     # k-means on the sample (faiss)
+    if progress:
+        print(f"candidates: k-means of {sample.shape[0]:,} sampled rows into {n_candidates:,} centroids "
+              f"({n_iter} iterations)", file=sys.stderr, flush=True)  # fmt: skip
     kmeans = faiss.Kmeans(d, n_candidates, niter=n_iter, seed=seed, verbose=verbose,
                           max_points_per_centroid=max(1, math.ceil(sample.shape[0] / n_candidates)),
                           min_points_per_centroid=1)
@@ -413,19 +434,21 @@ def compute_candidates(
 
     # optional streaming Lloyd passes over every row
     inertia = None
-    for _ in range(refine_passes):
+    for refine in range(refine_passes):
         index = faiss.IndexFlatL2(d)
         index.add(centroids)
         sums = torch.zeros(n_candidates, d, dtype=torch.float64)
         counts_t = torch.zeros(n_candidates, dtype=torch.float64)
         inertia = 0.0
-        for chunk in _limit_rows(source, max_rows):
-            z = (chunk - mean32) / std32
-            dist, idx = index.search(np.ascontiguousarray(z), 1)
-            idx_t = torch.from_numpy(idx[:, 0].astype(np.int64))
-            sums.index_add_(0, idx_t, torch.from_numpy(z).double())
-            counts_t.index_add_(0, idx_t, torch.ones(len(idx_t), dtype=torch.float64))
-            inertia += float(dist.sum())
+        with _row_bar(n_rows, f"candidates: Lloyd refinement (pass {refine + 2}/{passes})", progress) as bar:
+            for chunk in _limit_rows(source, max_rows):
+                z = (chunk - mean32) / std32
+                dist, idx = index.search(np.ascontiguousarray(z), 1)
+                idx_t = torch.from_numpy(idx[:, 0].astype(np.int64))
+                sums.index_add_(0, idx_t, torch.from_numpy(z).double())
+                counts_t.index_add_(0, idx_t, torch.ones(len(idx_t), dtype=torch.float64))
+                inertia += float(dist.sum())
+                bar.update(chunk.shape[0])
         filled = counts_t > 0  # empty clusters keep their previous centroid
         new = torch.from_numpy(centroids).double()
         new[filled] = sums[filled] / counts_t[filled, None]
@@ -458,78 +481,3 @@ def compute_candidates(
         counts=torch.from_numpy(np.asarray(counts, dtype=np.int64)),
         metadata=metadata,
     )
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-_EPILOG = """example:
-  sae-vision candidates cache/blocks.11.hook_resid_post --hook-name blocks.11.hook_resid_post \\
-      --n-candidates 32000 --out candidates.safetensors
-  sae-vision candidates rows.npy --n-candidates 1024 --out candidates.safetensors --refine-passes 1
-
-Then point an archetypal SAE config at the file: RASAETrainingSAEConfig(..., candidates_path="candidates.safetensors").
-"""
-
-
-def add_parser(subparsers: Any) -> Any:
-    """Register ``sae-vision candidates``."""
-    import argparse
-
-    p = subparsers.add_parser(
-        "candidates",
-        help="k-means archetype candidates from activation rows (for ra_sae / a_sae)",
-        description="Streaming k-means (faiss) over activation rows, with element-wise standardisation, "
-        "written as a candidates file for the archetypal SAEs.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("source", help="activation cache directory (datasets.save_to_disk), .npy or .safetensors rows")
-    p.add_argument("--out", required=True, help="output candidates file (.safetensors)")
-    p.add_argument("--n-candidates", type=int, default=32000, help="number of centroids (paper: 32000)")
-    p.add_argument("--hook-name", default=None, help="column of the activation cache / key of the safetensors file")
-    p.add_argument("--no-standardize", action="store_true", help="cluster raw rows (paper standardises)")
-    p.add_argument("--niter", type=int, default=20, help="k-means iterations on the sample")
-    p.add_argument("--sample-rows", type=int, default=None, help="rows kept in memory (default 64 * n)")
-    p.add_argument("--refine-passes", type=int, default=0, help="full Lloyd passes over every row")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-rows", type=int, default=None, help="read at most this many rows")
-    p.add_argument("--chunk-rows", type=int, default=65536, help="rows read per chunk")
-    p.add_argument("--kmeans-init", choices=["auto", "kmeans++", "random"], default="auto",
-                   help="centroid seeding; auto = k-means++ up to 4096 centroids, random above")
-    p.add_argument("--verbose", action="store_true")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: Any) -> int:
-    """Run ``sae-vision candidates``."""
-    source = open_row_source(args.source, hook_name=args.hook_name, chunk_rows=args.chunk_rows)
-    result = compute_candidates(
-        source,
-        args.n_candidates,
-        standardize=not args.no_standardize,
-        n_iter=args.niter,
-        sample_rows=args.sample_rows,
-        refine_passes=args.refine_passes,
-        seed=args.seed,
-        max_rows=args.max_rows,
-        kmeans_init=args.kmeans_init,
-        verbose=args.verbose,
-    )
-    result.metadata["source"] = str(args.source)
-    if args.hook_name:
-        result.metadata["hook_name"] = args.hook_name
-    out = result.save(args.out)
-    m = result.metadata
-    print(f"wrote {m['n_candidates']} candidates (d={m['d']}) from {m['n_rows']} rows to {out} "
-          f"in {m['seconds']['total']:.1f}s ({m['rows_per_second']:.0f} rows/s)")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="sae-vision")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(sys.argv[1:])
-    sys.exit(ns.func(ns))

@@ -14,16 +14,28 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sae_vision_ext.activations.images import AUGMENTATIONS
-from sae_vision_ext.activations.source import ALL_SELECTIONS, resolve_hooks
+from simple_parsing.helpers import field as _simple_parsing_field
+
+from sae_vision_ext.activations.options import ALL_SELECTIONS, AUGMENTATIONS, resolve_hooks
 
 # CC3M train images: the MSAE paper's training set (the count appears in the released checkpoints' names)
 CC3M_TRAIN_IMAGES = 2_905_936
 RUNNER_CFG_FILENAME = "runner_cfg.json"
+
+
+def option(default: Any, *aliases: str, help: str = "", cmd: bool = True, **argparse_kwargs: Any) -> Any:
+    """A config field that is also a command-line flag (``--field-name``, plus ``aliases``), via simple_parsing."""
+    if isinstance(default, (list, dict)):
+        argparse_kwargs["default_factory"] = lambda: type(default)(default)
+    else:
+        argparse_kwargs["default"] = default
+    return _simple_parsing_field(alias=list(aliases) or None, help=help, cmd=cmd, **argparse_kwargs)
 
 
 def _logging_config(**kwargs: Any):
@@ -35,112 +47,101 @@ def _logging_config(**kwargs: Any):
 
 @dataclass
 class VisionSAERunnerConfig:
-    """Configuration for training SAEs on a vision model's activations.
+    """Configuration for training SAEs on a vision model's activations (each field is also a flag).
 
-    Model: ``model_name`` is a ``load_vision_model`` spec (``timm:<name>`` or ``open_clip:<arch>/<tag>``);
-    ``pretrained=None`` uses pretrained weights when they are available locally (a path in ``model_weights`` or
-    the local Hugging Face / open_clip cache) and otherwise initialises at random and says so.
-
-    Hooks and tokens: ``hook_name`` is one hook or a list (one SAE per hook, all from one forward pass, trained
-    with SAELens's ``MultiSAETrainer``). ``token_selection``: ``cls`` | ``registers`` | ``prefix`` | ``patches`` |
-    ``all`` (rows are tokens of a ``[B, T, d]`` hook), or ``pooled`` / ``embed`` (one row per image from
-    ``hook_pooled`` / ``hook_image_embed``).
-
-    Data: ``dataset_path`` is a hub dataset name, a ``save_to_disk`` folder or an image folder (or pass images to
-    the runner directly). ``augment="crop_flip"`` draws random resized crops and flips, seeded per image position.
-    ``use_cached_activations`` trains from ``cached_activations_path`` (written by ``sae-vision cache``) without
-    the model. ``buffer_size_rows`` / ``activations_mixing_fraction`` configure SAELens's mixing buffer;
-    ``images_per_segment`` the stretch of stream that a resume may replay (None: about 4 buffers).
-
-    Training (SAELens names, rows instead of tokens): ``training_rows``, ``train_batch_size_rows``, ``lr`` and
-    schedule; ``lr_decay_steps=None`` decays over the last ``lr_decay_fraction`` of the steps.
-
-    Evaluation: held-out images (``eval_dataset_path``, or ``eval_holdout_images`` images taken out of the training
-    dataset), ``n_eval_images`` views of them; FVU, cosine, L0 and dead latents are computed at the end and, when
-    wandb is on, during training.
-
-    Checkpoints: ``n_checkpoints`` evenly spaced, in ``checkpoint_path`` (default ``<output_path>/checkpoints``);
-    ``resume_from_checkpoint`` is a checkpoint folder or ``"latest"``.
+    Model: a load_vision_model spec, with its pretrained weights (downloaded when needed), a local weights file,
+    or (pretrained=False) a random init drawn from the seed. Hooks: one or several (one SAE per hook, one forward
+    pass). Tokens: cls | registers | prefix | patches | all rows of a token hook, or pooled / embed (one row per
+    image). Data: a hub dataset, a save_to_disk folder or an image folder, or a cache written by sae-vision
+    cache. Training and schedule use SAELens's names, counted in rows. Held-out metrics at the end come from
+    eval_dataset_path or eval_holdout_images training images. Defaults: the MSAE paper's setting.
     """
 
-    sae: Any  # a TrainingSAEConfig, or its dict; None only for caching activations
+    sae: Any = option(None, cmd=False)  # a TrainingSAEConfig or its dict; None only for caching activations
 
     # model
-    model_name: str = "open_clip:ViT-L-14/openai"
-    pretrained: bool | None = None
-    model_weights: str | None = None
-    img_size: int | None = None
-    model_device: str | None = None
-    autocast_model: bool = False
+    model_name: str = option("open_clip:ViT-L-14/openai", "--model",
+                             help="load_vision_model spec: timm:<name>[.<tag>] or open_clip:<arch>/<tag>")
+    pretrained: bool = option(True, help="pretrained weights (downloaded if needed); --random-init for random ones")
+    model_weights: str | None = option(None, "--weights", help="local weights file for the model (wins over the hub)")
+    img_size: int | None = option(None, help="input resolution (position embeddings resampled)")
+    model_device: str | None = option(None, help="device of the vision model (default: --device)")
+    autocast_model: bool = option(False, help="run the vision model under autocast")
 
     # hooks and tokens
-    hook_name: str | list[str] = "hook_image_embed"
-    token_selection: str = "embed"
+    hook_name: str | list[str] = option("hook_image_embed", "--hook", nargs="+", required=False,
+                                        help="hook name(s): one SAE per hook, all from one forward pass")
+    token_selection: str = option("embed", "--tokens", choices=ALL_SELECTIONS, help="which tokens become rows")
 
     # images
-    dataset_path: str = ""
-    dataset_split: str = "train"
-    image_column: str | None = None
-    augment: str = "none"
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    shuffle_images: bool = True
-    model_batch_size: int = 64
-    num_workers: int = 4
-    prefetch_batches: int = 2
+    dataset_path: str = option("", "--dataset", help="hub dataset name, save_to_disk folder or image folder")
+    dataset_split: str = option("train", "--split", help="dataset split")
+    image_column: str | None = option(None, help="image column of a HF dataset (default: detected)")
+    augment: str = option("none", choices=AUGMENTATIONS, help="crop_flip: a new random view per image position")
+    crop_scale: tuple[float, float] = option((0.35, 1.0), help="area range of the random resized crops")
+    shuffle_images: bool = option(True, help="visit the images in a seeded random order")
+    model_batch_size: int = option(64, help="images per forward pass")
+    num_workers: int = option(4, "--workers", help="DataLoader worker processes decoding images")
+    prefetch_batches: int = option(2, help="forward passes the model may run ahead of training")
+    allow_repeat: bool = option(False, help="allow more image positions than the dataset holds without augmentation")
 
     # mixing buffer
-    buffer_size_rows: int = 65536
-    activations_mixing_fraction: float = 0.5
-    images_per_segment: int | None = None
+    buffer_size_rows: int = option(65536, help="SAELens mixing buffer (rows)")
+    activations_mixing_fraction: float = option(0.5, help="fraction of the buffer kept for mixing")
+    images_per_segment: int | None = option(None, help="stream stretch a resume may replay (default ~4 buffers)")
 
     # on-disk cache
-    use_cached_activations: bool = False
-    cached_activations_path: str | None = None
-    cache_dtype: str = "float32"
-    images_per_shard: int = 4096
+    use_cached_activations: bool = option(False, cmd=False)
+    cached_activations_path: str | None = option(None, "--cache", help="train from this activation cache")
+    cache_dtype: str = option("float32", choices=("float32", "float16"), help="dtype of cached rows")
+    images_per_shard: int = option(4096, "--shard-images", help="images per cache shard")
 
     # evaluation on held-out images
-    eval_dataset_path: str | None = None
-    eval_dataset_split: str = "validation"
-    eval_holdout_images: int = 0
-    n_eval_images: int = 512
-    eval_augment: str | None = None
+    eval_dataset_path: str | None = option(None, "--eval-dataset", help="held-out images (or cache) for the metrics")
+    eval_dataset_split: str = option("validation", "--eval-split", help="split of --eval-dataset")
+    eval_holdout_images: int = option(0, "--holdout", help="hold out this many training images for the metrics")
+    n_eval_images: int = option(512, help="held-out views evaluated at the end")
+    eval_augment: str | None = option(None, help="augmentation of the held-out views (default: --augment)")
 
     # training
-    training_rows: int = CC3M_TRAIN_IMAGES
-    train_batch_size_rows: int = 4096
-    lr: float = 1e-4
-    lr_end: float | None = None
-    lr_scheduler_name: str = "constant"
-    lr_warm_up_steps: int = 0
-    lr_decay_steps: int | None = None
-    lr_decay_fraction: float = 0.2
-    n_restart_cycles: int = 1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    dead_feature_window: int = 1000
-    feature_sampling_window: int = 2000
-    n_batches_for_norm_estimate: int = 100
-    autocast: bool = False
+    training_rows: int = option(CC3M_TRAIN_IMAGES, "--rows", help="training rows (activation vectors)")
+    train_batch_size_rows: int = option(4096, "--batch-size", help="rows per training step")
+    lr: float = option(1e-4, help="learning rate")
+    lr_end: float | None = option(None, help="final learning rate of the decay (default lr / 10)")
+    lr_scheduler_name: str = option("constant", help="SAELens lr scheduler")
+    lr_warm_up_steps: int = option(0, help="warm-up steps")
+    lr_decay_steps: int | None = option(None, help="decay steps (default: the last --lr-decay-fraction of steps)")
+    lr_decay_fraction: float = option(0.2, help="fraction of steps of the final linear decay")
+    n_restart_cycles: int = option(1, help="SAELens lr restart cycles")
+    adam_beta1: float = option(0.9, help="Adam beta1")
+    adam_beta2: float = option(0.999, help="Adam beta2")
+    dead_feature_window: int = option(1000, help="steps without firing before a latent counts as dead")
+    feature_sampling_window: int = option(2000, help="steps between SAELens feature-sparsity logs")
+    n_batches_for_norm_estimate: int = option(100, help="batches for input statistics / norm estimates")
+    autocast: bool = option(False, help="train the SAE under autocast")
 
     # outputs, checkpoints
-    output_path: str = "runs/vision_sae"
-    checkpoint_path: str | None = None
-    n_checkpoints: int = 0
-    save_final_checkpoint: bool = False
-    resume_from_checkpoint: str | None = None
+    output_path: str = option("runs/vision_sae", "--output", help="output folder (a SAELens SAE folder)")
+    checkpoint_path: str | None = option(None, help="checkpoint folder (default <output>/checkpoints)")
+    n_checkpoints: int = option(0, "--checkpoints", help="evenly spaced checkpoints")
+    save_final_checkpoint: bool = option(False, help="also write a checkpoint at the end")
+    resume_from_checkpoint: str | None = option(None, "--resume", nargs="?", const="latest",
+                                                help="continue from the latest checkpoint (or this folder)")
 
     # misc
-    seed: int = 42
-    device: str = "cpu"
-    dtype: str = "float32"
-    logger: Any = field(default_factory=_logging_config)
-    verbose: bool = True
+    seed: int = option(42, help="seed of the SAE init, data order, augmentation and random model weights")
+    device: str = option("cpu", help="cpu, cuda, cuda:1, mps")
+    dtype: str = option("float32", help="SAE dtype")
+    logger: Any = option(None, cmd=False)
+    verbose: bool = option(True, cmd=False)
 
     def __post_init__(self):
+        check_field_types(self)
         if isinstance(self.sae, dict):
             self.sae = sae_config_from_dict(self.sae)
-        if isinstance(self.logger, dict):
+        if self.logger is None:
+            self.logger = _logging_config()
+        elif isinstance(self.logger, dict):
             self.logger = _logging_config(**self.logger)
         if isinstance(self.hook_name, tuple):
             self.hook_name = list(self.hook_name)
@@ -235,6 +236,49 @@ class VisionSAERunnerConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=str))
 
 
+_SIMPLE_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def check_field_types(config: Any) -> None:
+    """Fields typed int / float / str / bool (or ``| None``) must hold such a value: a config file's
+    ``training_rows: 300.7`` or ``lr: fast`` is an error naming the field, not a surprise later. YAML 1.1 reads
+    ``1e-4`` as a string; float fields accept it."""
+    for f in fields(config):
+        parts = _type_names(f.type)
+        value = getattr(config, f.name)
+        simple = [part for part in parts if part in _SIMPLE_TYPES]
+        if not simple or len(simple) != len([p for p in parts if p != "None"]) or (value is None and "None" in parts):
+            continue  # a type this check does not cover, or an allowed None
+        if "float" in simple and isinstance(value, str):
+            try:
+                value = float(value)
+                setattr(config, f.name, value)
+            except ValueError:
+                pass
+        if not any(_fits(value, _SIMPLE_TYPES[part]) for part in simple):
+            raise ValueError(f"config field {f.name} must be {' or '.join(simple)}"
+                             f"{' or null' if 'None' in parts else ''}, got {value!r}")  # fmt: skip
+
+
+def _type_names(annotation: Any) -> list[str]:
+    """``"int | None"`` or ``int | None`` (simple_parsing resolves the annotations in place) -> ``["int", "None"]``."""
+    if isinstance(annotation, str):
+        return [part.strip() for part in annotation.split("|")]
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if union else (annotation,)
+    return ["None" if m is type(None) else getattr(m, "__name__", str(m)) for m in members]
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
 def sae_config_from_dict(data: dict[str, Any]):
     """Any registered training architecture's config from ``{"architecture": name, ...fields}``."""
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
@@ -257,14 +301,15 @@ def sae_config_from_dict(data: dict[str, Any]):
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A config mapping from a ``.yaml`` / ``.yml`` / ``.json`` file."""
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
+    """A config mapping from a ``.yaml`` / ``.yml`` / ``.json`` file; a file that is not one raises ValueError."""
+    import yaml
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+    text = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid {'YAML' if str(path).endswith(('.yaml', '.yml')) else 'JSON'}: "
+                         f"{str(err).splitlines()[0]}") from err  # fmt: skip
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of config fields")
     return data

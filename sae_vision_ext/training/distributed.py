@@ -35,19 +35,17 @@ Resume: ``DistributedSAETrainer.load_trainer_state`` also fixes two things in SA
 size): intermediate checkpoints store ``n_training_steps`` one short, and checkpoint thresholds already passed are
 not dropped (the first step after a resume would write another checkpoint).
 
-Launch: ``torchrun --nproc_per_node N -m sae_vision_ext.training.distributed --activations CACHE ...`` (see
-``--help``), or :func:`spawn_local` to start N local processes from Python (tests, notebooks).
+Launch: ``torchrun --nproc_per_node N -m sae_vision_ext.cli train-distributed --cache DIR ...`` (see
+``sae-vision train-distributed --help``), or :func:`spawn_local` to start N local processes from Python
+(tests, notebooks).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import socket
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +73,6 @@ __all__ = [
     "DistributedSAETrainer",
     "train_on_rows",
     "trainer_progress_bar_off",
-    "build_parser",
-    "add_parser",
-    "run",
-    "main",
 ]
 
 
@@ -622,164 +616,3 @@ def train_on_rows(
     batches.batch_index = start_batch
     trainer.fit()
     return trainer
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Command line: python -m sae_vision_ext.training.distributed / torchrun -m sae_vision_ext.training.distributed
-
-EPILOG = """examples:
-  # 2 processes on one machine (gloo on CPU, NCCL when CUDA is available)
-  torchrun --standalone --nproc_per_node 2 -m sae_vision_ext.training.distributed \\
-      --activations runs/cache --architecture topk --d-sae 4096 --k 32 \\
-      --batch-size 4096 --training-samples 10_000_000 --checkpoint-dir runs/ddp --n-checkpoints 4
-  # resume after an interruption (same command + --resume)
-  torchrun --standalone --nproc_per_node 2 -m sae_vision_ext.training.distributed ... \\
-      --resume runs/ddp/5000192
-  # 2 nodes x 8 GPUs
-  torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
-      -m sae_vision_ext.training.distributed --activations /data/cache ...
-"""
-
-
-DESCRIPTION = (
-    "Train a SAELens SAE (any registered architecture) on cached activations, data-parallel over the processes "
-    "started by torchrun. --batch-size and --training-samples are GLOBAL: the result equals a single-process run "
-    "with the same numbers."
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m sae_vision_ext.training.distributed",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_arguments(parser)
-    return parser
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """``sae-vision train-distributed`` (run it under torchrun: ``torchrun ... -m sae_vision_ext.cli
-    train-distributed ...``)."""
-    parser = subparsers.add_parser(
-        "train-distributed", help="data-parallel SAE training on cached activations (under torchrun)",
-        description=DESCRIPTION, epilog=EPILOG.replace("-m sae_vision_ext.training.distributed",
-                                                       "-m sae_vision_ext.cli train-distributed"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_arguments(parser)
-    parser.set_defaults(func=run)
-    return parser
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--activations", required=True,
-                        help="SAELens cached-activation dataset (save_to_disk folder), or a .pt / .npy [N, d] tensor")
-    parser.add_argument("--hook-name", default=None, help="column of the cached dataset (default: its only column)")
-    parser.add_argument("--architecture", default="topk", help="registered SAELens / plugin architecture")
-    parser.add_argument("--d-sae", type=int, default=None, help="latents (default: 8 x d_in)")
-    parser.add_argument("--k", type=int, default=None, help="k for TopK-style architectures")
-    parser.add_argument("--sae-option", action="append", default=[], metavar="KEY=JSON",
-                        help="extra training-config field, e.g. --sae-option aux_loss_coefficient=0.03")
-    parser.add_argument("--normalize-activations", default="none")
-    parser.add_argument("--batch-size", type=int, default=4096, help="GLOBAL batch (divisible by world size)")
-    parser.add_argument("--training-samples", type=int, required=True, help="GLOBAL number of rows to train on")
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--lr-scheduler", default="constant")
-    parser.add_argument("--lr-decay-steps", type=int, default=0)
-    parser.add_argument("--dead-feature-window", type=int, default=1000)
-    parser.add_argument("--feature-sampling-window", type=int, default=2000)
-    parser.add_argument("--n-batches-for-norm-estimate", type=int, default=100)
-    parser.add_argument("--checkpoint-dir", default=None, help="where rank 0 writes SAELens checkpoints")
-    parser.add_argument("--n-checkpoints", type=int, default=0)
-    parser.add_argument("--resume", default=None, help="checkpoint folder to continue from")
-    parser.add_argument("--output", default=None, help="rank 0 saves the final inference SAE here")
-    parser.add_argument("--seed", type=int, default=0, help="init seed (rank 0's init is broadcast anyway)")
-    parser.add_argument("--shuffle-seed", type=int, default=None, help="shuffle rows per epoch (same on all ranks)")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--backend", default=None, help="gloo | nccl (default: nccl if CUDA else gloo)")
-
-
-def _load_rows(path: str, hook_name: str | None) -> Any:
-    if path.endswith(".npy"):
-        import numpy as np
-
-        return np.load(path, mmap_mode="r")
-    if path.endswith(".pt"):
-        return torch.load(path, map_location="cpu", weights_only=True)
-    return CachedActivationRows(path, hook_name)
-
-
-def _row_width(rows: Any) -> int:
-    return int(rows.d_in) if isinstance(rows, CachedActivationRows) else int(rows.shape[1])
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
-def run(args: argparse.Namespace) -> int:
-    """Train as ``args`` say, on this rank of the torchrun job (or alone)."""
-    context = init_distributed(args.backend)
-    try:
-        from sae_lens.config import SAETrainerConfig
-        from sae_lens.saes.sae import TrainingSAE
-
-        rows = _load_rows(args.activations, args.hook_name)
-        d_in = _row_width(rows)
-        device = str(context.device)
-        sae_cfg: dict[str, Any] = {
-            "architecture": args.architecture,
-            "d_in": d_in,
-            "d_sae": args.d_sae or 8 * d_in,
-            "dtype": args.dtype,
-            "device": device,
-            "normalize_activations": args.normalize_activations,
-        }
-        if args.k is not None:
-            sae_cfg["k"] = args.k
-        for option in args.sae_option:
-            key, _, value = option.partition("=")
-            sae_cfg[key] = json.loads(value)
-        torch.manual_seed(args.seed)
-        sae = TrainingSAE.from_dict(sae_cfg)
-        trainer_cfg = SAETrainerConfig(
-            total_training_samples=args.training_samples,
-            train_batch_size_samples=args.batch_size,
-            lr=args.lr,
-            lr_end=args.lr / 10 if args.lr_scheduler != "constant" else args.lr,
-            lr_scheduler_name=args.lr_scheduler,
-            lr_decay_steps=args.lr_decay_steps,
-            device=device,
-            dead_feature_window=args.dead_feature_window,
-            feature_sampling_window=args.feature_sampling_window,
-            n_checkpoints=args.n_checkpoints,
-            checkpoint_path=args.checkpoint_dir,
-            save_final_checkpoint=args.checkpoint_dir is not None,
-            n_batches_for_norm_estimate=args.n_batches_for_norm_estimate,
-        )
-        trainer = train_on_rows(
-            sae, trainer_cfg, rows, context=context, shuffle_seed=args.shuffle_seed, resume_from=args.resume
-        )
-        if context.is_main:
-            if args.output:
-                trainer.sae.save_inference_model(args.output)
-            print(
-                json.dumps(
-                    {
-                        "world_size": context.world_size,
-                        "steps": trainer.n_training_steps,
-                        "samples": trainer.n_training_samples,
-                        "output": args.output,
-                    }
-                )
-            )
-        context.barrier()
-    finally:
-        destroy_distributed()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -40,8 +40,15 @@ from sae_vision_ext.activations.store import (
     TrainingInterrupted,
 )
 from sae_vision_ext.training.config import RUNNER_CFG_FILENAME, VisionSAERunnerConfig
+from sae_vision_ext.training.monitor import TrainingMonitor, matryoshka_levels, per_k_metrics
+from sae_vision_ext.vision.load import describe_weights
 
 logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_BANNER = (
+    "!! The vision model had RANDOM weights: the SAE's latents describe a random network, not learned features.\n"
+    "!! For a real run give pretrained weights (the default when the Hugging Face Hub is reachable) or --weights FILE."
+)
 
 VISION_STATE_FILENAME = "vision_state.json"
 RNG_STATE_FILENAME = "rng_state.pt"
@@ -126,20 +133,15 @@ def _make_training_sae(sae_cfg: Any):
     return sae_cls(sae_cfg)
 
 
-def load_model_for(cfg: VisionSAERunnerConfig, say=print) -> tuple[Any, Any, str]:
-    """``(hooked model, preprocess, weights description)`` following ``cfg.pretrained`` / ``cfg.model_weights``:
-    True must load pretrained weights; None (auto) uses them only if a local cache holds them, else a random
-    init drawn from ``cfg.seed`` (said out loud); False is that random init."""
-    from sae_vision_ext.vision.load import load_vision_model, load_vision_model_or_random
+def load_model_for(cfg: VisionSAERunnerConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """``(hooked model, preprocess, weights record)`` for ``cfg``: its weights file, else pretrained weights
+    (downloaded when needed; ``PretrainedWeightsUnavailable`` when they cannot be had), else (``pretrained=False``)
+    a random init drawn from ``cfg.seed``."""
+    from sae_vision_ext.vision.load import load_vision_model_with_record
 
-    kwargs = dict(device=cfg.model_device or cfg.device, img_size=cfg.img_size)
-    if cfg.pretrained is True and not cfg.model_weights:
-        model, preprocess = load_vision_model(cfg.model_name, pretrained=True, **kwargs)
-        return model, preprocess, "pretrained"
-    return load_vision_model_or_random(
-        cfg.model_name, weights=cfg.model_weights, pretrained=cfg.pretrained is not False, local_only=True,
-        seed=cfg.seed, say=say, **kwargs,
-    )
+    return load_vision_model_with_record(cfg.model_name, weights=cfg.model_weights, pretrained=cfg.pretrained,
+                                         seed=cfg.seed, device=cfg.model_device or cfg.device,
+                                         img_size=cfg.img_size)  # fmt: skip
 
 
 def vision_metadata(
@@ -186,10 +188,12 @@ def _tokens_per_image(model: Any, hook: str, selection: str) -> int:
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_rows(sae: Any, rows: torch.Tensor, scaler: Any = None, batch_size: int = 4096) -> dict[str, Any]:
+def evaluate_rows(sae: Any, rows: torch.Tensor, scaler: Any = None, batch_size: int = 4096,
+                  encode_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """FVU, cosine, L0, dead fraction (``evals.reconstruction.evaluate_sae``) of ``sae`` on ``rows``.
 
-    ``scaler`` (SAELens ``ActivationScaler``) maps raw rows to what the SAE is trained on, while training.
+    ``scaler`` (SAELens ``ActivationScaler``) maps raw rows to what the SAE is trained on, while training;
+    ``encode_kwargs`` go to ``sae.encode`` (``{"k": 64}`` for a Matryoshka SAE).
     """
     from sae_vision_ext.evals.reconstruction import evaluate_sae
 
@@ -201,7 +205,7 @@ def evaluate_rows(sae: Any, rows: torch.Tensor, scaler: Any = None, batch_size: 
     was_training = sae.training
     sae.eval()
     try:
-        return evaluate_sae(sae, batches())
+        return evaluate_sae(sae, batches(), encode_kwargs=encode_kwargs, progress=False)  # the run has its own bar
     finally:
         sae.train(was_training)
 
@@ -216,8 +220,8 @@ class VisionSAEEvaluator:
         self.eval_rows = eval_rows
         self.source = source
 
-    def metrics(self, sae: Any, hook: str, scaler: Any = None) -> dict[str, Any]:
-        return evaluate_rows(sae, self.eval_rows[hook], scaler)
+    def metrics(self, sae: Any, hook: str, scaler: Any = None, encode_kwargs: dict | None = None) -> dict:
+        return evaluate_rows(sae, self.eval_rows[hook], scaler, encode_kwargs=encode_kwargs)
 
     def __call__(self, sae=None, data_provider=None, activation_scaler=None, *, saes=None, activation_scalers=None,
                  hook_names=None) -> dict[str, Any]:  # fmt: skip
@@ -236,14 +240,20 @@ class VisionSAEEvaluator:
 
 
 class _ProgressProvider:
-    """Shows rows/s as training advances (reads the trainer's sample count), then hands out the next batch."""
+    """Shows rows/s as training advances (reads the trainer's sample count), then hands out the next batch.
 
-    def __init__(self, provider: Any, total: int, samples_fn, counters: dict[str, int], enabled: bool = True):
+    The postfix (refreshed at most once a second) is ``status()`` (``TrainingMonitor.postfix``: loss, MSE, L0,
+    dead fraction) plus the images read and skipped when training from images.
+    """
+
+    def __init__(self, provider: Any, total: int, samples_fn, counters: dict[str, int], enabled: bool = True,
+                 status=None):  # fmt: skip
         from tqdm.auto import tqdm
 
         self.provider = provider
         self.samples_fn = samples_fn
         self.counters = counters
+        self.status = status
         self.bar = tqdm(total=total, initial=samples_fn(), unit="rows", unit_scale=True, desc="training SAE",
                         disable=not enabled, mininterval=0.5, dynamic_ncols=True, smoothing=0.1)  # fmt: skip
         self._last_postfix = 0.0
@@ -256,13 +266,23 @@ class _ProgressProvider:
         done = self.samples_fn()
         if done > self.bar.n:
             self.bar.update(done - self.bar.n)
-        now = time.monotonic()
-        if "images_ok" in self.counters and now - self._last_postfix > 1.0:
-            self._last_postfix = now
-            self.bar.set_postfix(images=self.counters["images_ok"], skipped=self.counters["images_failed"], refresh=False)
+        if time.monotonic() - self._last_postfix > 1.0:
+            self._show_postfix()
         return batch
 
+    def _show_postfix(self):
+        if self.bar.disable:
+            return
+        self._last_postfix = time.monotonic()
+        parts = [self.status()] if self.status is not None else []
+        if "images_ok" in self.counters:
+            parts.append(f"images={self.counters['images_ok']} skipped={self.counters['images_failed']}")
+        text = " ".join(p for p in parts if p)
+        if text:
+            self.bar.set_postfix_str(text, refresh=False)
+
     def close(self, final: int | None = None):
+        self._show_postfix()  # the bar's last line shows the last values
         if final is not None and final > self.bar.n:
             self.bar.update(final - self.bar.n)
         self.bar.close()
@@ -301,8 +321,10 @@ class TrainingResult:
     interrupted: bool = False
     checkpoint: Path | None = None
     counters: dict[str, int] = field(default_factory=dict)
-    weights: str = ""
+    weights: dict[str, Any] | None = None  # vision.load.weights_record of the model (None: trained from a cache)
     eval_source: str = ""
+    metrics_log: Path | None = None  # metrics.jsonl (training.monitor)
+    plots: list[Path] = field(default_factory=list)  # training_curves.png, fvu_vs_k.png
 
     @property
     def sae(self):
@@ -313,11 +335,17 @@ class TrainingResult:
         if self.interrupted:
             lines.append(f"interrupted after {self.n_training_rows:,} rows; checkpoint: {self.checkpoint}")
             lines.append("resume with the same command plus --resume (or resume_from_checkpoint='latest')")
+            if self.metrics_log is not None:
+                lines.append(f"training curve so far: {self.metrics_log}")
             return "\n".join(lines)
         rate = self.n_training_rows / max(self.seconds, 1e-9)
         lines.append(f"trained on {self.n_training_rows:,} rows in {self.seconds:.1f} s ({rate:,.0f} rows/s)")
         if "images_ok" in self.counters:
             lines.append(f"images: {self.counters['images_ok']:,} read, {self.counters['images_failed']:,} skipped")
+        if self.weights:
+            lines.append(f"model weights: {describe_weights(self.weights)}")
+            if self.weights.get("source") == "random-init":
+                lines.append(RANDOM_WEIGHTS_BANNER)
         for hook, path in self.sae_paths.items():
             lines.append(f"SAE for {hook}: {path}")
             m = self.metrics.get(hook)
@@ -331,6 +359,15 @@ class TrainingResult:
                         f"  dead latents (firing rate < 10^-5.5 over the last {m['dead_window_rows']:,} training rows):"
                         f" {m['dead_fraction_train']:.1%}"
                     )
+                if m.get("per_k"):
+                    from sae_vision_ext.training.monitor import per_k_table
+
+                    lines.append(f"  at each k of the Matryoshka levels (same {m['n_rows']:,} rows):")
+                    lines.extend(per_k_table(m["per_k"], indent="    "))
+        if self.metrics_log is not None:
+            lines.append(f"training curve: {self.metrics_log}")
+        if self.plots:
+            lines.append("plots: " + ", ".join(str(p) for p in self.plots))
         return "\n".join(lines)
 
 
@@ -352,13 +389,15 @@ class VisionSAETrainingRunner:
         model: Any = None,
         preprocess: Any = None,
         say=None,
+        weights: dict[str, Any] | None = None,
     ):
         self.cfg = cfg
         self.images = images
         self.eval_images = eval_images
         self.model = model
         self.preprocess = preprocess
-        self.weights = "given" if model is not None else ""
+        # which weights the model has (vision.load.weights_record); given with a model, else found when loading
+        self.weights = weights
         self.say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.stop = threading.Event()
         self.store: Any = None
@@ -384,15 +423,27 @@ class VisionSAETrainingRunner:
             check_widths(cfg.sae, widths)
             self._cache = cache
             return widths, cache.metadata
+        self._ensure_model()
+        widths = {h: int(self.model.hook_width(h)) for h in self.hooks}
+        check_widths(cfg.sae, widths)
+        return widths, None
+
+    def _ensure_model(self) -> None:
         if self.model is None:
-            self.model, self.preprocess, self.weights = load_model_for(cfg, self.say)
+            self.model, self.preprocess, self.weights = load_model_for(self.cfg)
         if self.preprocess is None:
             self.preprocess = getattr(self.model, "preprocess", None)
             if self.preprocess is None:
                 raise ValueError("a model passed to the runner needs its preprocess transform")
-        widths = {h: int(self.model.hook_width(h)) for h in self.hooks}
-        check_widths(cfg.sae, widths)
-        return widths, None
+
+    def held_out_rows(self) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """``({hook: rows}, source)``: the rows this run's final metrics are computed on (same images, views and
+        order), so a saved SAE can be re-evaluated exactly; ``(None, "")`` when the run holds nothing out."""
+        if self.cfg.use_cached_activations:
+            return self._eval_rows(None)
+        self._ensure_model()
+        _, eval_images = self._collections()
+        return self._eval_rows(eval_images)
 
     # ------------------------------------------------------------------ data
     def _collections(self):
@@ -628,6 +679,8 @@ class VisionSAETrainingRunner:
         trainer_cfg = cfg.to_sae_trainer_config(checkpoint_path=str(self.staging))
         evaluator = VisionSAEEvaluator(eval_rows, eval_source) if eval_rows is not None else None
         self.store = self._make_store(train_images, position)
+        if repetition := self.store.repetition_message(cfg.training_rows):
+            self.say(repetition)
         provider = StoppableProvider(self.store, self.stop)
         if len(self.hooks) == 1:
             from sae_lens.training.sae_trainer import SAETrainer
@@ -644,8 +697,13 @@ class VisionSAETrainingRunner:
         if checkpoint is not None:
             state = self._load_checkpoint(checkpoint)
             self.say(f"resumed from {checkpoint} at {state['n_training_samples']:,} rows")
+        # wraps each trainer's step(): metrics.jsonl in the output folder, the bar's loss/MSE/L0/dead postfix
+        resumed_step = state["n_training_steps"] if checkpoint is not None else None
+        monitor = TrainingMonitor(self.output_path, self._sub_trainers(), cfg.training_rows,
+                                  cfg.train_batch_size_rows, resumed_step=resumed_step, live=cfg.verbose)  # fmt: skip
         progress = _ProgressProvider(provider, cfg.training_rows, lambda: self.trainer.n_training_samples,
-                                     self.store.counters, enabled=cfg.verbose)  # fmt: skip
+                                     self.store.counters, enabled=cfg.verbose,
+                                     status=monitor.postfix)  # fmt: skip
         self.trainer.data_provider = progress
 
         if cfg.logger.log_to_wandb:
@@ -665,6 +723,7 @@ class VisionSAETrainingRunner:
             interrupted = True
         finally:
             progress.close(final=self.trainer.n_training_samples)
+            monitor.close()
             self.store.close()
             with contextlib.suppress(OSError):
                 self.staging.rmdir()  # only when empty
@@ -678,7 +737,8 @@ class VisionSAETrainingRunner:
             self.say(f"stopped at {self.trainer.n_training_samples:,} rows; checkpoint: {self.last_checkpoint}")
             return TrainingResult(saes, self.output_path, {}, {}, self.trainer.n_training_samples,
                                   time.perf_counter() - started, interrupted=True, checkpoint=self.last_checkpoint,
-                                  counters=dict(self.store.counters), weights=self.weights)  # fmt: skip
+                                  counters=dict(self.store.counters), weights=self.weights,
+                                  metrics_log=monitor.path)  # fmt: skip
 
         metrics: dict[str, dict[str, Any]] = {}
         if evaluator is None:
@@ -687,6 +747,9 @@ class VisionSAETrainingRunner:
             evaluator = VisionSAEEvaluator(eval_rows, eval_source)
         for hook, sae in saes.items():
             metrics[hook] = {**evaluator.metrics(sae, hook), "source": eval_source}
+            if matryoshka_levels(sae):  # the same rows at each k of the levels (and ReLU)
+                at_k = lambda kw, s=sae, h=hook: evaluator.metrics(s, h, encode_kwargs=kw)  # noqa: E731
+                metrics[hook]["per_k"] = per_k_metrics(sae, at_k)
         for hook, sub in self._sub_trainers().items():
             if sub.n_frac_active_samples:
                 from sae_vision_ext.evals.reconstruction import dead_latents
@@ -696,15 +759,22 @@ class VisionSAETrainingRunner:
                 metrics[hook]["dead_window_rows"] = int(sub.n_frac_active_samples)
         sparsities = self._sparsities()
         sae_paths = self._write_outputs(saes, sparsities, metrics)
+        plots = monitor.write_plots(metrics)
         if cfg.logger.log_to_wandb:
             import wandb
 
-            wandb.log({f"final/{h}/{k}": v for h, m in metrics.items() for k, v in m.items() if k != "source"})
+            final = {f"final/{h}/{k}": v for h, m in metrics.items() for k, v in m.items()
+                     if k not in ("source", "per_k")}  # fmt: skip
+            for h, m in metrics.items():
+                for r in m.get("per_k", ()):
+                    final.update({f"final/{h}/{key}_k{r['k']}": r[key] for key in ("fvu", "cosine", "l0")})
+            wandb.log(final)
             wandb.finish()
         trained = self.trainer.n_training_samples - resumed_rows
         return TrainingResult(saes, self.output_path, sae_paths, metrics, self.trainer.n_training_samples,
                               train_seconds if trained else 0.0, counters=dict(self.store.counters),
-                              weights=self.weights, eval_source=eval_source, checkpoint=self.last_checkpoint)  # fmt: skip
+                              weights=self.weights, eval_source=eval_source, checkpoint=self.last_checkpoint,
+                              metrics_log=monitor.path, plots=plots)  # fmt: skip
 
     def _fit_input_statistics(self, saes: dict[str, Any], provider: Any) -> None:
         """Architectures that standardise their input (MSAE ``standardize_input``) estimate mean and scale first.
@@ -780,25 +850,39 @@ def cache_activations(
     overwrite: bool = False,
     say=None,
     progress: bool = True,
+    allow_repeat: bool = False,
+    weights: dict[str, Any] | None = None,
 ):
     """Write the activations of ``n_images`` image positions (views) at ``cfg``'s hooks to an on-disk cache.
 
     Settings come from ``cfg`` (model, hooks, token selection, dataset, augmentation, seed, ``images_per_shard``,
-    ``cache_dtype``). Running it again after an interruption reuses the finished shards. Returns
+    ``cache_dtype``); ``weights`` is the ``weights_record`` of a ``model`` passed in (else it is loaded from
+    ``cfg`` and recorded). Running it again after an interruption reuses the finished shards. Returns
     :class:`~sae_vision_ext.activations.cache.CachedActivations`.
+
+    More positions than the dataset holds images cycle through it: with ``augment="none"`` that caches the same
+    views again and is refused unless ``allow_repeat``; either way the number of passes is said.
     """
     from tqdm.auto import tqdm
 
     from sae_vision_ext.activations.cache import ActivationCacheWriter
 
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    runner = VisionSAETrainingRunner(cfg, images=images, model=model, preprocess=preprocess, say=say)
+    runner = VisionSAETrainingRunner(cfg, images=images, model=model, preprocess=preprocess, say=say, weights=weights)
     check_writable(Path(path).parent, "cache folder")
+    train_images, _ = runner._collections()
+    n_dataset = len(train_images)
+    passes = f"{n_images / n_dataset:.1f} passes over the same images"
+    if n_images > n_dataset and cfg.augment == "none" and not allow_repeat:
+        raise ValueError(
+            f"cache_activations asks for {n_images:,} image positions but the dataset holds {n_dataset:,} images: "
+            f"that is {passes}; pass allow_repeat (--allow-repeat) to cache repeated views, augment='crop_flip' "
+            f"(--augment crop_flip) for new random views, or ask for at most {n_dataset:,}"
+        )
     if runner.model is None:
-        runner.model, runner.preprocess, runner.weights = load_model_for(cfg, say)
+        runner.model, runner.preprocess, runner.weights = load_model_for(cfg)
     elif runner.preprocess is None:
         runner.preprocess = runner.model.preprocess
-    train_images, _ = runner._collections()
     source = runner._image_source(train_images, seed=cfg.seed, augment=cfg.augment)
     model_ = runner.model
     layout = model_.token_layout
@@ -831,6 +915,9 @@ def cache_activations(
     from sae_vision_ext.training.distributed import current_context
 
     context = current_context()
+    if n_images > n_dataset and context.is_main:
+        views = "the same views (allow_repeat)" if cfg.augment == "none" else f"new random views ({cfg.augment})"
+        say(f"caching {n_images:,} image positions from {n_dataset:,} images: {passes}, {views}")
     if context.is_distributed:  # torchrun: rank 0 lists the missing shards, each rank writes its share
         from sae_vision_ext.activations.distributed_cache import claim_shards
 

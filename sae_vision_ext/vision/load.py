@@ -13,14 +13,16 @@ loads a local checkpoint (timm: through timm's own checkpoint filter; open_clip:
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sae_vision_ext.errors import UserError
 from sae_vision_ext.vision.hooked_vision_model import HookedVisionModel
 
 SPEC_EXAMPLES = "'timm:vit_base_patch14_reg4_dinov2.lvd142m' or 'open_clip:ViT-B-32/laion2b_s34b_b79k'"
@@ -63,92 +65,164 @@ def load_vision_model(
     return hooked, preprocess
 
 
+def weights_record(spec: str, *, weights: str | os.PathLike | None = None, pretrained: bool = True,
+                   seed: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Exactly which weights a model was built with, as stored in an SAE's ``metadata.weights``.
+
+    ``{"source": "file", "path", "sha256"}`` | ``{"source": "pretrained", "spec", "tag"}`` |
+    ``{"source": "random-init", "seed"}``; :func:`load_model_for_sae` rebuilds the model from it.
+    """
+    if weights:
+        path = Path(weights).expanduser().resolve()
+        return {"source": "file", "path": str(path), "sha256": file_sha256(path)}
+    if pretrained:
+        library, name = parse_spec(spec)
+        tag = name.partition("/")[2] if library == "open_clip" else name.partition(".")[2]
+        return {"source": "pretrained", "spec": spec, "tag": tag or None}
+    return {"source": "random-init", "seed": int(seed or 0)}
+
+
+def describe_weights(record: dict[str, Any] | str | None) -> str:
+    """One phrase for people: ``pretrained weights (lvd142m)``, ``weights file /x``, ``RANDOM weights (seed 0)``."""
+    record = _as_record(record)
+    if record is None:
+        return "unknown weights"
+    if record["source"] == "file":
+        return f"weights file {record['path']}"
+    if record["source"] == "pretrained":
+        return f"pretrained weights ({record.get('tag') or 'default tag'})"
+    return f"RANDOM weights (seed {record['seed']})"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _as_record(weights: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    """Records written before ``weights_record`` existed were strings: "pretrained", "random-init(seed=N)", a path."""
+    if weights is None or isinstance(weights, dict):
+        return weights
+    match = re.fullmatch(r"random-init\(seed=(\d+)\)", weights)
+    if match:
+        return {"source": "random-init", "seed": int(match.group(1))}
+    if weights == "pretrained":
+        return {"source": "pretrained", "tag": None}
+    if weights in ("", "given"):
+        return None
+    return {"source": "file", "path": weights, "sha256": None}
+
+
+def load_vision_model_with_record(
+    spec: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    pretrained: bool = True,
+    seed: int = 0,
+    **kwargs: Any,
+) -> tuple[HookedVisionModel, Callable, dict[str, Any]]:
+    """``(model, preprocess, weights_record)``: a weights file if given, else pretrained weights (downloaded when
+    needed; :class:`PretrainedWeightsUnavailable` when they cannot be had), else a random init drawn from ``seed``
+    (reproducible: the same seed gives the same weights)."""
+    if weights:
+        model, preprocess = load_vision_model(spec, pretrained=False, weights=weights, **kwargs)
+    elif pretrained:
+        model, preprocess = load_vision_model(spec, pretrained=True, **kwargs)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, preprocess = load_vision_model(spec, pretrained=False, **kwargs)
+    return model, preprocess, weights_record(spec, weights=weights, pretrained=pretrained, seed=seed)
+
+
 def load_vision_model_or_random(
     spec: str,
     *,
     weights: str | os.PathLike | None = None,
     pretrained: bool = True,
-    local_only: bool = False,
     seed: int = 0,
     say: Callable[[str], Any] = print,
     **kwargs: Any,
-) -> tuple[HookedVisionModel, Callable, str]:
-    """``(model, preprocess, weights description)`` for scripts that must run on any machine.
+) -> tuple[HookedVisionModel, Callable, dict[str, Any]]:
+    """Like :func:`load_vision_model_with_record`, for demos that must run on any machine: when pretrained weights
+    cannot be had, it says so through ``say`` and uses the random init drawn from ``seed`` instead."""
+    try:
+        return load_vision_model_with_record(spec, weights=weights, pretrained=pretrained, seed=seed, **kwargs)
+    except PretrainedWeightsUnavailable as err:
+        say(f"note: {err.reason}; using the same architecture with RANDOM weights (seed {seed}): its features "
+            "carry no learned meaning")  # fmt: skip
+        return load_vision_model_with_record(spec, pretrained=False, seed=seed, **kwargs)
 
-    ``weights`` (a file) wins; else pretrained weights (``local_only``: only from local caches, no network),
-    and when those cannot be loaded, or ``pretrained=False``, the same architecture with random weights drawn
-    from ``seed`` (reproducible), with a note through ``say``. The description is ``"pretrained"``, the weights
-    path, or ``"random-init(seed=N)"``.
+
+def load_model_for_sae(
+    sae_or_metadata: Any,
+    *,
+    device: str = "cpu",
+    model_name: str | None = None,
+    weights: str | os.PathLike | None = None,
+    say: Callable[[str], Any] = print,
+) -> tuple[HookedVisionModel, Callable, dict[str, Any]]:
+    """Rebuild the vision model an SAE was trained on, from its metadata: ``(model, preprocess, weights_record)``.
+
+    Reads ``model_name``, ``weights`` (the :func:`weights_record` of the training run: the pretrained tag, the
+    weights file, checked by hash, or the random seed) and ``image_size``. ``model_name`` / ``weights`` override
+    the metadata; every difference from what the SAE was trained on is said through ``say``.
     """
+    meta = getattr(getattr(sae_or_metadata, "cfg", None), "metadata", sae_or_metadata)
+    trained_on = meta.get("model_name")
+    spec = model_name or trained_on
+    if not spec:
+        raise ValueError("the SAE's metadata names no model (metadata.model_name); give the model spec explicitly")
+    if model_name and trained_on and model_name != trained_on:
+        say(f"warning: the SAE was trained on {trained_on}, not on {model_name}")
+    record = _as_record(meta.get("weights"))
+    image_size = meta.get("image_size")
+    kwargs: dict[str, Any] = dict(device=device, img_size=tuple(image_size) if image_size else None)
     if weights:
-        model, preprocess = load_vision_model(spec, pretrained=False, weights=weights, **kwargs)
-        return model, preprocess, str(weights)
-    if pretrained:
-        reason = "no weight caches on this machine"
-        if not local_only or _weight_caches_exist():
-            try:
-                with _offline_hub() if local_only else contextlib.nullcontext():
-                    model, preprocess = load_vision_model(spec, pretrained=True, **kwargs)
-                return model, preprocess, "pretrained"
-            except (RuntimeError, OSError, ValueError) as err:
-                reason = type(err.__cause__ or err).__name__
-        say(f"note: no pretrained weights for {spec} ({reason}); using the same architecture with RANDOM weights "
-            "(features carry no learned meaning). Pass a weights file or put the weights in the local Hugging Face "
-            "cache for a real run.")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model, preprocess = load_vision_model(spec, pretrained=False, **kwargs)
-    return model, preprocess, f"random-init(seed={seed})"
+        if record is not None and record.get("source") != "file":
+            say(f"warning: the SAE was trained with {describe_weights(record)}, loading {weights} instead")
+        elif record is not None and record.get("sha256") and file_sha256(weights) != record["sha256"]:
+            say(f"warning: {weights} is not the weights file the SAE was trained with ({record['path']})")
+        return load_vision_model_with_record(spec, weights=weights, **kwargs)
+    if record is None:
+        say(f"note: the SAE's metadata does not say which weights of {spec} it was trained on; using pretrained")
+        return load_vision_model_with_record(spec, **kwargs)
+    if record["source"] == "file":
+        path = record["path"]
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"the SAE was trained with the weights file {path}, which is not here; "
+                                    "pass it with --weights FILE")  # fmt: skip
+        if record.get("sha256") and file_sha256(path) != record["sha256"]:
+            say(f"warning: {path} changed since the SAE was trained (other sha256)")
+        return load_vision_model_with_record(spec, weights=path, **kwargs)
+    if record["source"] == "random-init":
+        say(f"note: the SAE was trained on {spec} with RANDOM weights (seed {record['seed']}); rebuilding them")
+        return load_vision_model_with_record(spec, pretrained=False, seed=int(record["seed"]), **kwargs)
+    return load_vision_model_with_record(spec, **kwargs)
 
 
-@contextlib.contextmanager
-def _offline_hub():
-    """Make Hugging Face hub look-ups local-only for the duration (pretrained weights 'when present locally')."""
-    saved = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        import huggingface_hub.constants as hub_constants
+class PretrainedWeightsUnavailable(UserError, RuntimeError):
+    """Pretrained weights could not be had (offline, no local copy, unknown tag). ``reason`` is one line."""
 
-        saved_constant = hub_constants.HF_HUB_OFFLINE
-        hub_constants.HF_HUB_OFFLINE = True
-    except (ImportError, AttributeError):
-        hub_constants, saved_constant = None, None
-    try:
-        yield
-    finally:
-        if hub_constants is not None:
-            hub_constants.HF_HUB_OFFLINE = saved_constant
-        if saved is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved
+    def __init__(self, spec: str, err: BaseException):
+        self.spec = spec
+        self.reason = f"no pretrained weights for {spec} ({type(err).__name__}: {_first_line(err)})"
+        super().__init__(
+            f"{self.reason}. Pass a local checkpoint (--weights FILE, weights=FILE) or ask for a random model "
+            "(--random-init, pretrained=False); offline, pretrained weights must already be in the local cache"
+        )
 
 
-def _weight_caches_exist() -> bool:
-    """Whether any local cache could hold pretrained weights (HF hub, torch hub, open_clip's ~/.cache/clip).
-
-    When none exists, trying a pretrained load would only build the model twice before falling back.
-    """
-    folders = [Path(os.path.expanduser("~/.cache/clip"))]
-    try:
-        import huggingface_hub.constants as hub_constants
-
-        folders.append(Path(hub_constants.HF_HUB_CACHE))
-    except (ImportError, AttributeError):
-        pass
-    try:
-        folders.append(Path(torch.hub.get_dir()) / "checkpoints")
-    except (RuntimeError, AttributeError):
-        pass
-    return any(folder.is_dir() and any(folder.iterdir()) for folder in folders)
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else ""
 
 
-def _not_available(spec: str, err: Exception) -> RuntimeError:
-    return RuntimeError(
-        f"could not load pretrained weights for {spec} ({type(err).__name__}: {err}). Offline, weights must "
-        "already be in the Hugging Face / open_clip cache; otherwise pass pretrained=False (random init of "
-        "the same architecture) or weights=<local checkpoint>"
-    )
+def _not_available(spec: str, err: Exception) -> PretrainedWeightsUnavailable:
+    return PretrainedWeightsUnavailable(spec, err)
 
 
 def _load_timm(spec, name, pretrained, device, img_size, weights, kwargs):
@@ -157,6 +231,8 @@ def _load_timm(spec, name, pretrained, device, img_size, weights, kwargs):
 
     from sae_vision_ext.vision.timm import TimmHookedVisionModel
 
+    if not timm.is_model(name.partition(".")[0]):
+        raise ValueError(f"unknown timm model {name!r} in {spec!r}; see timm.list_models(), e.g. {SPEC_EXAMPLES}")
     kwargs = dict(kwargs)
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -166,8 +242,6 @@ def _load_timm(spec, name, pretrained, device, img_size, weights, kwargs):
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
         except RuntimeError as err:
-            if "Unknown model" in str(err):
-                raise
             raise _not_available(spec, err) from err
         except OSError as err:  # hub errors (LocalEntryNotFoundError, ...) are OSErrors
             raise _not_available(spec, err) from err
