@@ -123,6 +123,19 @@ def key_values(items: Sequence[str], what: str) -> dict[str, Any]:
     return out
 
 
+def sae_section(architecture: str, items: Sequence[str], expansion: int | None,
+                base: dict[str, Any] | None = None) -> tuple[dict[str, Any], int]:  # fmt: skip
+    """``(sae config fields, expansion)`` from ``--architecture``, ``--sae KEY=VALUE ...`` and ``--expansion``
+    (d_sae = expansion x d_in, default 8) over ``base`` (a config file's ``sae`` section)."""
+    sae = {**(base or {}), "architecture": architecture, **key_values(items, "--sae")}
+    if expansion is not None:
+        if expansion <= 0:
+            raise UserError(f"--expansion must be a positive integer (d_sae = expansion x d_in), got {expansion}")
+        if "d_sae" in sae:
+            raise UserError("give --expansion or --sae d_sae=N, not both")
+    return sae, expansion or 8
+
+
 def say(message: str) -> None:
     """Progress notes go to stderr; results go to stdout."""
     print(message, file=sys.stderr, flush=True)

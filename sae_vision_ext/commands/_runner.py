@@ -21,9 +21,9 @@ from sae_vision_ext.commands._common import (
     config_file_defaults,
     flag_value,
     given_fields,
-    key_values,
     new_parser,
     refuse_hidden,
+    sae_section,
     say,
 )
 from sae_vision_ext.training.config import VisionSAERunnerConfig, option
@@ -94,17 +94,8 @@ def runner_config_data(args: argparse.Namespace, argv: Sequence[str], parser: ar
         _take_from_cache(data, explicit)
     sae_options = getattr(args, "sae_options", None)
     if sae_options is not None:
-        sae = dict(file.get("sae") or {})
-        sae["architecture"] = sae_options.architecture
-        sae.update(key_values(sae_options.sae, "--sae"))
-        if sae_options.expansion is not None:
-            if sae_options.expansion <= 0:
-                raise UserError(f"--expansion must be a positive integer (d_sae = expansion x d_in), got "
-                                f"{sae_options.expansion}")  # fmt: skip
-            if "d_sae" in sae:
-                raise UserError("give --expansion or --sae d_sae=N, not both")
-        data["sae"] = sae
-        data["_expansion"] = sae_options.expansion or 8
+        data["sae"], data["_expansion"] = sae_section(sae_options.architecture, sae_options.sae,
+                                                      sae_options.expansion, base=file.get("sae"))  # fmt: skip
     return data
 
 

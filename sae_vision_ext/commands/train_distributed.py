@@ -15,12 +15,11 @@ from typing import Any
 
 from sae_vision_ext.commands._common import (
     CONFIG_DEST,
-    UserError,
     add_config,
-    key_values,
     new_parser,
     one_line_errors,
     parse,
+    sae_section,
 )
 from sae_vision_ext.training.config import option
 
@@ -85,15 +84,9 @@ def build_parser(argv: Sequence[str] = ()):
 
 def sae_config(cfg: DistributedTrainConfig, d_in: int, device: str) -> dict[str, Any]:
     """The training SAE's config: ``--architecture``, the ``--sae`` fields, ``d_sae`` from ``--expansion``."""
-    given = key_values(cfg.sae, "--sae")
-    if cfg.expansion is not None:
-        if cfg.expansion <= 0:
-            raise UserError(f"--expansion must be a positive integer (d_sae = expansion x d_in), "
-                            f"got {cfg.expansion}")  # fmt: skip
-        if "d_sae" in given:
-            raise UserError("give --expansion or --sae d_sae=N, not both")
-    return {"architecture": cfg.architecture, "d_in": d_in, "d_sae": (cfg.expansion or 8) * d_in,
-            "dtype": cfg.dtype, "device": device, "normalize_activations": "none", **given}  # fmt: skip
+    sae, expansion = sae_section(cfg.architecture, cfg.sae, cfg.expansion)
+    return {"d_in": d_in, "d_sae": expansion * d_in, "dtype": cfg.dtype, "device": device,
+            "normalize_activations": "none", **sae}  # fmt: skip
 
 
 def _load_rows(path: str, hook_name: str | None) -> Any:
