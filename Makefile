@@ -12,7 +12,7 @@ PIP := .venv/bin/pip
 	touch $@
 
 demo: .venv/.installed
-	$(PY) -m sae_vision_ext.quickstart
+	$(PY) -m sae_vision_ext.quickstart --overwrite   # the demo's folder is scratch: re-running replaces it
 
 # The dashboard tests open the page in headless Chromium (Debian's package).
 chromium:

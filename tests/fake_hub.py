@@ -19,12 +19,17 @@ What it answers, as the real hub does for a public repo whose files are plain gi
   ``GET /api/agent-harnesses`` (an empty registry; ``huggingface_hub`` asks once per process).
 - unknown repo: 404 ``X-Error-Code: RepoNotFound`` (``RepositoryNotFoundError``); unknown file in a known repo:
   404 ``X-Error-Code: EntryNotFound`` with ``X-Repo-Commit`` (``RemoteEntryNotFoundError``).
+- uploads, as ``create_repo``, ``upload_file`` and ``upload_folder`` make them: ``POST /api/repos/create``,
+  ``POST /api/validate-yaml``, ``POST /api/models/{repo_id}/preupload/{revision}`` (every file is "regular": its
+  bytes travel base64-encoded in the commit, no LFS or Xet transfer) and ``POST /api/models/{repo_id}/commit/
+  {revision}`` (NDJSON). Committed files are then served like any other; ``uploaded()`` lists them.
 
 Any revision is accepted and resolves to one fixed commit per repo. Every request is logged.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -74,6 +79,7 @@ class FakeHub:
         self.files: dict[str, dict[str, Path]] = {}
         self.requests: list[HubRequest] = []
         self._lfs_tokens: dict[str, tuple[str, str]] = {}
+        self._uploads: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -98,6 +104,11 @@ class FakeHub:
         with self._lock:
             return [(r.repo_id, r.filename) for r in self.requests
                     if r.method == "GET" and r.status == 200 and r.filename is not None]
+
+    def uploaded(self) -> list[tuple[str, str]]:
+        """``(repo_id, filename)`` of every file committed through the upload API, in order."""
+        with self._lock:
+            return list(self._uploads)
 
     def file_requests(self, method: str | None = None) -> list[tuple[str, str, int]]:
         """``(repo_id, filename, status)`` of every request for a file (``method``: only HEAD or only GET)."""
@@ -164,6 +175,49 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self):
             self._answer(send_body=True)
+
+        def do_POST(self):
+            raw_path = urlsplit(self.path).path
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if raw_path == "/api/repos/create":
+                payload = json.loads(body)
+                repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+                hub.add_repo(repo_id)
+                self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
+            elif raw_path == "/api/validate-yaml":
+                self._json(200, {"errors": [], "warnings": []})
+            elif raw_path.startswith("/api/models/") and "/preupload/" in raw_path:
+                files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                         for f in json.loads(body)["files"]]
+                self._json(200, {"files": files})
+            elif raw_path.startswith("/api/models/") and "/commit/" in raw_path:
+                self._commit(unquote(raw_path[len("/api/models/"):].rpartition("/commit/")[0]), body)
+            else:
+                self._error(404, None, "Not found", True)
+
+        def _commit(self, repo_id: str, body: bytes) -> None:
+            if repo_id not in hub.files:
+                self._error(404, "RepoNotFound", "Repository not found", True, repo_id)
+                return
+            for line in body.splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    path = hub.root / "uploads" / repo_id.replace("/", "--") / item["value"]["path"]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(base64.b64decode(item["value"]["content"]))
+                    hub.serve(repo_id, item["value"]["path"], path)
+                    with hub._lock:
+                        hub._uploads.append((repo_id, item["value"]["path"]))
+                elif item["key"] != "header":
+                    self._error(400, None, f"the fake hub does not commit {item['key']!r} entries", True, repo_id)
+                    return
+            commit = _commit_of(repo_id)
+            self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{commit}", "commitOid": commit,
+                             "pullRequestUrl": None})
+
+        def _json(self, status: int, body) -> None:
+            self._send(status, json.dumps(body).encode(), True, {"Content-Type": "application/json"},
+                       HubRequest(self.command, self.path, status))
 
         def _answer(self, send_body: bool) -> None:
             raw_path = urlsplit(self.path).path

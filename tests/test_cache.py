@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -72,8 +74,12 @@ def test_cache_is_saelens_format_shuffled_and_readable_without_a_model(tmp_path,
                              normalize_activations="none", device=torch.device("cpu"), dtype="float32",
                              cached_activations_path=str(cache.path))  # fmt: skip
     assert next(store).shape == (16, 192)
-    with pytest.raises(FileExistsError):
-        _write(cfg, tmp_path / "cache", tiny_model)
+    # the same cache again: nothing to do; other settings: refused, the finished cache untouched
+    before = (tmp_path / "cache" / "state.json").stat().st_mtime_ns
+    again = _write(cfg, tmp_path / "cache", tiny_model)
+    assert again.n_rows == cache.n_rows and (tmp_path / "cache" / "state.json").stat().st_mtime_ns == before
+    with pytest.raises(FileExistsError, match="made with other settings .differs in: seed"):
+        _write(dataclasses.replace(cfg, seed=cfg.seed + 1), tmp_path / "cache", tiny_model)
 
 
 def test_interrupted_cache_is_never_complete_and_resumes(tmp_path, tiny_model, monkeypatch):

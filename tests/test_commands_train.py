@@ -83,6 +83,8 @@ def test_train_from_a_cache_takes_its_settings_and_refuses_contradictions(capsys
     assert f"{TINY_MODEL} | hook {HOOK} | tokens all | cache {cache}" in captured.err  # what is trained, said first
     meta = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
     assert (meta["model_name"], meta["hook_name"], meta["token_selection"]) == (TINY_MODEL, HOOK, "all")
+    runner_cfg = json.loads((tmp_path / "sae" / "runner_cfg.json").read_text())
+    assert runner_cfg["checkpoint_path"] == str(tmp_path / "sae" / "checkpoints")  # derived from --output
     assert meta["weights"] == {"source": "random-init", "seed": 3}  # the cache's model: seeded random weights
 
     assert cli_main(["train", "--cache", str(cache), "--tokens", "patches", "--output", str(tmp_path / "x")]) == 2

@@ -10,10 +10,16 @@ its token rows are permuted jointly across hooks with a generator seeded by ``(s
 rows of ``context_size``, so consecutive rows come from different images and a reader can stream each shard in
 order. Each shard is written to a temporary name, fsynced and renamed.
 
-Atomic commit: work happens in ``<path>.incomplete/``. Only when every shard is done are ``dataset_info.json``,
-``state.json`` and the metadata file (``sae_vision_cache.json``: model, weights, hooks, token selection, image
-count, ...) written, and the folder renamed to ``<path>`` in one ``os.rename``. An interrupted cache therefore
-never looks complete, and running the same command again reuses the shards that are done.
+Atomic commit: work happens in ``<path>.incomplete/``, whose ``cache_settings.json`` (written atomically before
+any shard, kept until the commit is complete) says what the shards were made with. Only when every shard is done
+are ``dataset_info.json``, ``state.json`` and the metadata file (``sae_vision_cache.json``: model, weights, hooks,
+token selection, image count, ...) written, and the folder renamed to ``<path>`` in one ``os.rename``; the
+bookkeeping files are removed after that. An interrupted cache therefore never looks complete, and running the
+same command again, whenever it was killed, reuses the shards that are done or finishes the commit.
+
+Overwrite safety: ``overwrite`` replaces only a folder that is one of our caches (``state.json`` and the metadata
+file, nothing else in it) or an interrupted one of ours; a file, or a folder holding anything else, is refused and
+left as it is. An empty folder is written into as if it were absent.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -36,6 +43,11 @@ CACHE_SETTINGS_FILENAME = "cache_settings.json"
 INCOMPLETE_SUFFIX = ".incomplete"
 FORMAT_VERSION = 1
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+_OUR_NAMES = "|".join(
+    [r"data-\d{5}\.(arrow|json)"]
+    + [re.escape(n) for n in ("dataset_info.json", "state.json", CACHE_METADATA_FILENAME, CACHE_SETTINGS_FILENAME)]
+)
+_OUR_FILE = re.compile(rf"({_OUR_NAMES})|\.({_OUR_NAMES})\.tmp-\d+")  # tmp: an interrupted atomic write
 
 
 def _fsync_file(path: Path) -> None:
@@ -164,6 +176,7 @@ class CachedActivations:
     """
 
     def __init__(self, path: str | os.PathLike):
+        import datasets.features  # noqa: F401 - registers the Array2D Arrow extension type the shards use
         import pyarrow as pa
 
         self.path = Path(path)
@@ -281,6 +294,7 @@ class ActivationCacheWriter:
         self.dtype = dtype
         self.seed = int(seed)
         self.overwrite = overwrite
+        self._finish_only = False  # prepare(): the work folder holds a finished commit, not yet renamed
         if dtype not in _NUMPY_DTYPES:
             raise ValueError(f"cache dtype must be one of {list(_NUMPY_DTYPES)}, got {dtype!r}")
 
@@ -302,32 +316,58 @@ class ActivationCacheWriter:
         return record
 
     def prepare(self) -> list[int]:
-        """Check the destination, create or reuse the work folder; returns the shard indices still to write."""
-        if self.path.exists():
-            if not self.overwrite:
-                raise FileExistsError(f"{self.path} already exists (a complete cache); pass overwrite to replace it")
+        """Check the destination, create or reuse the work folder; returns the shard indices still to write.
+
+        A work folder is resumed in any state an interruption leaves: settings written but no shard, some or all
+        shards, or the commit half done. One made with other settings is refused (replaced with ``overwrite``).
+        """
+        if _exists(self.path):
+            check_replaceable(self.path, self.overwrite)
         parent = self.path.parent
         parent.mkdir(parents=True, exist_ok=True)
         if not os.access(parent, os.W_OK):
             raise PermissionError(f"cannot write the cache: {parent} is not writable")
-        settings_path = self.work / CACHE_SETTINGS_FILENAME
         fingerprint = settings_fingerprint(self.settings)
-        if self.work.exists():
-            previous = json.loads(settings_path.read_text()) if settings_path.exists() else {}
-            if previous.get("fingerprint") != fingerprint:
-                changed = sorted(
-                    k
-                    for k in set(previous.get("settings", {})) | set(self.settings)
-                    if previous.get("settings", {}).get(k) != self.settings.get(k)
-                )
-                raise ValueError(
-                    f"{self.work} holds an interrupted cache made with other settings (differs in: "
-                    f"{', '.join(changed) or 'unknown'}); delete it or use the same settings to resume"
-                )
+        if _exists(self.work):
+            previous = _interrupted_settings(self.work)
+            if previous is not None and previous.get("fingerprint") != fingerprint:
+                if not self.overwrite:
+                    changed = sorted(
+                        k
+                        for k in set(previous.get("settings", {})) | set(self.settings)
+                        if previous.get("settings", {}).get(k) != self.settings.get(k)
+                    )
+                    raise ValueError(
+                        f"{self.work} holds an interrupted cache made with other settings (differs in: "
+                        f"{', '.join(changed) or 'unknown'}); delete it, use the same settings to resume, or "
+                        "pass overwrite (--overwrite) to start again"
+                    )
+                shutil.rmtree(self.work)  # ours (checked above) and explicitly replaced
+                self.work.mkdir()
+            for torn in self.work.glob(".*.tmp-*"):  # atomic writes cut short (ours: checked above)
+                torn.unlink(missing_ok=True)
         else:
             self.work.mkdir(parents=True)
-        write_json_atomic(settings_path, {"fingerprint": fingerprint, "settings": self.settings})
+        settings = {"fingerprint": fingerprint, "settings": self.settings}
+        write_json_atomic(self.work / CACHE_SETTINGS_FILENAME, settings)
+        fsync_dir(self.work)
+        self._finish_only = _committed_in(self.work, fingerprint)
+        if self._finish_only:  # only the final rename is missing
+            return []
         return [i for i in range(self.n_shards) if self._shard_record(i) is None]
+
+    def discard_if_empty(self) -> bool:
+        """Remove the work folder when none of its shards holds a row (nothing is lost); True if removed."""
+        if not self.work.is_dir() or _foreign_entries(self.work):
+            return False
+        for record in self.work.glob("data-*.json"):
+            try:
+                if json.loads(record.read_text()).get("n_contexts", 0) > 0:
+                    return False
+            except (OSError, ValueError):
+                return False
+        shutil.rmtree(self.work)
+        return True
 
     def write_shard(self, index: int, rows: dict[str, torch.Tensor], context_size: int, extra: dict) -> None:
         """Permute the shard's token rows (jointly across hooks), pack into ``context_size`` rows and write."""
@@ -354,18 +394,49 @@ class ActivationCacheWriter:
         write_arrow_shard(self.work / self.shard_name(index), columns, features)
 
     def commit(self) -> CachedActivations:
-        """All shards done: write the dataset files and metadata, then rename the work folder into place."""
+        """All shards done: write the dataset files and metadata, then rename the work folder into place.
+
+        ``cache_settings.json`` and the shard records stay until the rename is done, so a commit interrupted at
+        any moment is finished by running the same command again. An empty result (no readable image) is an
+        error: the work folder is removed and nothing is committed.
+        """
+        if not self._finish_only:
+            self._write_commit_files()
+        if _exists(self.path):  # overwrite: move the old cache aside first, so a crash leaves one of the two
+            check_replaceable(self.path, self.overwrite)
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.rename(self.path, old)
+            os.rename(self.work, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.work, self.path)
+        fsync_dir(self.path.parent)
+        for name in [CACHE_SETTINGS_FILENAME, *(f"data-{i:05d}.json" for i in range(self.n_shards))]:
+            (self.path / name).unlink(missing_ok=True)
+        for leftover in self.path.parent.glob(f".{glob_escape(self.path.name)}.old-*"):
+            if leftover.is_dir() and _is_our_cache(leftover):  # left by an interrupted overwrite
+                shutil.rmtree(leftover, ignore_errors=True)
+        return CachedActivations(self.path)
+
+    def _write_commit_files(self) -> None:
         records = []
         for i in range(self.n_shards):
             record = self._shard_record(i)
             if record is None:
                 raise RuntimeError(f"shard {i} of {self.n_shards} is missing; the cache is not complete")
             records.append(record)
+        n_contexts = sum(r["n_contexts"] for r in records)
+        n_failed = sum(r.get("n_images_failed", 0) for r in records)
+        if n_contexts == 0:
+            self.discard_if_empty()
+            raise ValueError(
+                f"no image could be read: all {n_failed:,} image positions failed, so the cache {self.path} "
+                "would be empty; nothing was committed"
+            )
         widths = records[0]["hook_widths"]
         context_size = records[0]["context_size"]
         features = activation_features(widths, context_size, self.dtype)
         data_files = [self.shard_name(i) for i in range(self.n_shards)]
-        n_contexts = sum(r["n_contexts"] for r in records)
         metadata = {
             **self.metadata,
             "format_version": FORMAT_VERSION,
@@ -374,7 +445,7 @@ class ActivationCacheWriter:
             "context_size": context_size,
             "n_images": self.n_images,
             "n_images_ok": sum(r.get("n_images_ok", 0) for r in records),
-            "n_images_failed": sum(r.get("n_images_failed", 0) for r in records),
+            "n_images_failed": n_failed,
             "n_contexts": n_contexts,
             "n_rows": n_contexts * context_size,
             "n_shards": self.n_shards,
@@ -387,18 +458,114 @@ class ActivationCacheWriter:
         }
         commit_dataset_folder(self.work, data_files, features, settings_fingerprint(metadata))
         write_json_atomic(self.work / CACHE_METADATA_FILENAME, metadata)
-        for name in [CACHE_SETTINGS_FILENAME, *(f"data-{i:05d}.json" for i in range(self.n_shards))]:
-            (self.work / name).unlink(missing_ok=True)
         fsync_dir(self.work)
-        if self.path.exists():  # overwrite: move the old cache aside first, so a crash leaves one of the two
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.rename(self.path, old)
-            os.rename(self.work, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.work, self.path)
-        fsync_dir(self.path.parent)
-        return CachedActivations(self.path)
+
+
+# ----------------------------------------------------------------------------------------------- safety
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` that the cache writer does not make (sorted)."""
+    return sorted(
+        p.name for p in folder.iterdir() if p.is_symlink() or not (p.is_file() and _OUR_FILE.fullmatch(p.name))
+    )
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return shown + (f", ... ({len(names)} entries)" if len(names) > 3 else "")
+
+
+def _is_our_cache(folder: Path) -> bool:
+    has_files = (folder / "state.json").is_file() and (folder / CACHE_METADATA_FILENAME).is_file()
+    return has_files and not _foreign_entries(folder)
+
+
+def check_replaceable(path: Path, overwrite: bool) -> None:
+    """Refuse (``FileExistsError``, one line naming what is there) unless ``path`` may become the cache.
+
+    An empty folder may; a committed cache of ours may with ``overwrite``; anything else never.
+    """
+    path = Path(path)
+    keep = "choose another output folder, or move it away yourself"
+    if path.is_symlink() or not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not an activation cache: refusing to replace it; {keep}")
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return
+    if not _is_our_cache(path):
+        foreign = _foreign_entries(path) if (path / CACHE_METADATA_FILENAME).is_file() else entries
+        raise FileExistsError(
+            f"{path} is not an activation cache written by sae-vision (it holds {_listing(foreign)}): "
+            f"refusing to replace it; {keep}"
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"{path} already exists (a complete cache); pass overwrite (--overwrite) to replace it"
+        )
+
+
+def _interrupted_settings(work: Path) -> dict[str, Any] | None:
+    """What an interrupted cache's work folder was made with, ``{"fingerprint", "settings"}``: from its
+    settings file, else (a commit half done by an older version) from its metadata; None before any shard.
+
+    Refuses (``FileExistsError``) a work folder that is not ours, or holds shards without their settings.
+    """
+    if work.is_symlink() or not work.is_dir():
+        raise FileExistsError(f"{work} is a file, not an interrupted activation cache; move it away")
+    foreign = _foreign_entries(work)
+    if foreign:
+        raise FileExistsError(
+            f"{work} is not an interrupted activation cache (it holds {_listing(foreign)}); move it away or "
+            "choose another output folder"
+        )
+    for name in (CACHE_SETTINGS_FILENAME, CACHE_METADATA_FILENAME):
+        try:
+            payload = json.loads((work / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if name == CACHE_SETTINGS_FILENAME:
+            return payload
+        if isinstance(payload.get("settings"), dict):
+            return {"fingerprint": settings_fingerprint(payload["settings"]), "settings": payload["settings"]}
+    if any(work.glob("data-*.arrow")):
+        raise FileExistsError(
+            f"{work} holds shards but no record of their settings, so it cannot be resumed; delete it to "
+            "start again"
+        )
+    return None  # interrupted before its first shard: start afresh in it
+
+
+def _committed_in(work: Path, fingerprint: str) -> bool:
+    """True when ``work`` holds a finished commit (state, metadata, every shard) of these settings."""
+    try:
+        metadata = json.loads((work / CACHE_METADATA_FILENAME).read_text())
+        state = json.loads((work / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if settings_fingerprint(metadata.get("settings", {})) != fingerprint:
+        return False
+    return all((work / entry["filename"]).is_file() for entry in state.get("_data_files", []))
+
+
+def nothing_readable_error(dataset: Any, n_failed: int, n_dataset: int, errors: list[str]) -> ValueError:
+    """The error for a cache in which no image could be read (each pass visits every image once)."""
+    n_files = min(n_failed, n_dataset)
+    tried = f"all {n_files:,} image files"
+    if n_files < n_dataset:
+        tried = f"the {n_files:,} image files tried (of {n_dataset:,})"
+    first = f" (first error: {errors[0]})" if errors else ""
+    return ValueError(
+        f"no image could be read from {dataset}: {tried} are unreadable{first}; nothing was cached"
+    )
 
 
 def _mix_seed(*parts: int) -> int:

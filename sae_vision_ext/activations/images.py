@@ -25,30 +25,124 @@ from sae_vision_ext.activations.options import AUGMENTATIONS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+
+def _float_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Floats to 0-255: ``[0, 1]`` x 255, ``[0, 255]`` kept, any other range min-max scaled; NaN -> 0; rounded."""
+    array = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+    if lo >= 0.0 and hi <= 1.0:
+        array = array * 255.0
+    elif (lo < 0.0 or hi > 255.0) and hi > lo:
+        array = (array - lo) * (255.0 / (hi - lo))
+    return np.rint(np.clip(array, 0.0, 255.0)).astype(np.uint8)
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Pixel values of any dtype to uint8: 16-bit integers / 257, bool x 255, other numbers as floats."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:
+        return np.rint(array / 257.0).astype(np.uint8)
+    return _float_to_uint8(array)
+
+
+def _composite(rgb: np.ndarray, alpha: np.ndarray):
+    """``rgb`` over :data:`BACKGROUND` with ``alpha`` (uint8): ``round(rgb a + background (1 - a))``."""
+    from PIL import Image
+
+    a = alpha.astype(np.float64)[..., None] / 255.0
+    out = rgb.astype(np.float64) * a + np.asarray(BACKGROUND, dtype=np.float64) * (1.0 - a)
+    return Image.fromarray(np.rint(out).astype(np.uint8))
+
+
+def _array_image(array: np.ndarray):
+    """``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` (C = 1, 2, 3, 4) of any numeric dtype -> PIL RGB."""
+    from PIL import Image
+
+    if array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channels first (torch's layout)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)):
+        raise ValueError(f"an image array must be [H, W], [H, W, C] or [C, H, W] with C in 1-4, got {array.shape}")
+    pixels = np.ascontiguousarray(_to_uint8(array))
+    if pixels.ndim == 2:
+        return Image.fromarray(pixels).convert("RGB")
+    if pixels.shape[-1] == 3:
+        return Image.fromarray(pixels)
+    color = pixels[..., :-1] if pixels.shape[-1] == 4 else np.repeat(pixels[..., :1], 3, axis=-1)
+    return _composite(color, pixels[..., -1])
+
+
+def _pil_to_rgb(image):
+    """Any PIL mode -> RGB (see :func:`to_rgb_image` for the rules)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        array = np.asarray(image)
+        if image.mode == "I":  # 32-bit integers: read as 16-bit values (what 16-bit PNG / TIFF files give)
+            array = np.clip(array, 0, 65535).astype(np.uint16)
+        elif image.mode.startswith("I;16"):
+            array = array.astype(np.uint16)  # native byte order ("I;16B" is big-endian)
+        return _array_image(array)
+    if image.mode in ("P", "PA"):
+        has_alpha = image.mode == "PA" or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    elif image.mode in ("LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        array = np.asarray(image)
+        return _composite(array[..., :3], array[..., 3])
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV: Pillow's own conversions
+
+
+def _loaded_rgb(opened):
+    """RGB pixels of an opened file, in memory (the file may be closed afterwards)."""
+    image = _pil_to_rgb(opened)
+    return image.copy() if image is opened else image
+
+
 def to_rgb_image(item: Any):
-    """A PIL RGB image from a PIL image, an ``[H, W(, C)]`` uint8/float array, a path, or HF's ``{"bytes"|"path"}``."""
+    """A PIL RGB image from a PIL image, an array / tensor, a path, or HF's ``{"bytes"|"path"}``.
+
+    Conversion rules, the same for files, PIL images and arrays:
+
+    - 16-bit integers (PIL ``I;16*``, ``uint16`` arrays) are divided by 257 (65535 -> 255), rounded; PIL ``I``
+      (32-bit, what some 16-bit files open as) is read as 16-bit values, clipped to [0, 65535];
+    - floats (PIL ``F``, float16/32/64 arrays or tensors, other integer arrays): values in [0, 1] are scaled by
+      255, values in [0, 255] are kept, any other range is min-max scaled to [0, 255]; NaN / inf become 0; the
+      range is that of the whole image, and values are rounded;
+    - transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent colour, 2- and 4-channel arrays) is
+      composited on a white background (:data:`BACKGROUND`): ``round(c a + 255 (1 - a))`` with ``a = alpha / 255``;
+    - grayscale (``L``, ``1``, 1-channel arrays) is repeated over R, G, B; palette, ``CMYK``, ``YCbCr`` and the
+      other modes use Pillow's conversion;
+    - arrays may be ``[H, W]``, ``[H, W, C]`` or channels-first ``[C, H, W]`` (C = 1, 2, 3, 4); bool is 0 / 255.
+    """
     from PIL import Image
 
     if isinstance(item, Image.Image):
-        image = item
-    elif isinstance(item, (str, os.PathLike)):
+        return _pil_to_rgb(item)
+    if isinstance(item, (str, os.PathLike)):
         with Image.open(item) as opened:
-            image = opened.convert("RGB")
-    elif isinstance(item, dict) and (item.get("bytes") is not None or item.get("path")):
+            return _loaded_rgb(opened)
+    if isinstance(item, dict) and (item.get("bytes") is not None or item.get("path")):
         import io
 
         source = io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"]
         with Image.open(source) as opened:
-            image = opened.convert("RGB")
-    elif isinstance(item, (np.ndarray, torch.Tensor)):
-        array = np.asarray(item)
-        if array.dtype != np.uint8:
-            scale = 255.0 if array.max() <= 1.0 else 1.0
-            array = np.clip(array * scale, 0, 255).astype(np.uint8)
-        image = Image.fromarray(array)
-    else:
-        raise TypeError(f"cannot read an image from {type(item).__name__}")
-    return image if image.mode == "RGB" else image.convert("RGB")
+            return _loaded_rgb(opened)
+    if isinstance(item, torch.Tensor):
+        tensor = item.detach().cpu()
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor = tensor.float()  # numpy has no bfloat16
+        return _array_image(tensor.numpy())
+    if isinstance(item, np.ndarray):
+        return _array_image(item)
+    raise TypeError(f"cannot read an image from {type(item).__name__}")
 
 
 class ListImages:

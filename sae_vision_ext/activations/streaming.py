@@ -36,6 +36,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from sae_vision_ext.activations.images import to_rgb_image
+
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
 SPLIT_MODES = ("auto", "shard", "sample")
 
@@ -265,7 +267,7 @@ def decode_image(data: bytes):
 
     with Image.open(io.BytesIO(data)) as opened:
         opened.load()
-        return opened.convert("RGB")
+        return to_rgb_image(opened)  # every mode by its stated rule (16-bit, float, alpha on white)
 
 
 class WebDatasetImages:
@@ -406,10 +408,10 @@ def _decode_hf_image(item: Any):
 
             with Image.open(item["path"]) as opened:
                 opened.load()
-                return opened.convert("RGB")
+                return to_rgb_image(opened)
         if isinstance(item, (bytes, bytearray)):
             return decode_image(bytes(item))
-        return item.convert("RGB")
+        return to_rgb_image(item)
     except Exception:  # noqa: BLE001 - corrupt or missing image: skipped and counted by the batcher
         return None
 

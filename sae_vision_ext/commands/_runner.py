@@ -70,6 +70,9 @@ def runner_parser(argv: Sequence[str], prog: str, description: str, epilog: str,
         defaults = VisionSAERunnerConfig(sae=None, **fields) if fields else None
     except TypeError as err:
         raise UserError(f"config file: {err}") from err
+    if defaults is not None:  # fields derived from others are derived again from the final values
+        for derived in ("checkpoint_path", "lr_end"):
+            setattr(defaults, derived, fields.get(derived))
     add_config(parser, VisionSAERunnerConfig, defaults=defaults)
     return parser, file
 

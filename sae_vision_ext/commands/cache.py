@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sae_vision_ext.commands._common import UserError, given_fields, one_line_errors, parse
+from sae_vision_ext.commands._common import UserError, flag_value, given_fields, one_line_errors, parse
 from sae_vision_ext.commands._runner import runner_config_data, runner_parser
 from sae_vision_ext.training.config import VisionSAERunnerConfig, option
 
@@ -52,8 +54,36 @@ def build_parser(argv: Sequence[str] = ()):
     return _parser(argv)[0]
 
 
-@one_line_errors("cache")
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is (as SIGINT raises ``KeyboardInterrupt``)."""
+
+
+def _raise_interrupted(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Interrupted
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """SIGINT / SIGTERM end the command with one line and exit code 130 / 143; finished shards are kept."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main_thread else None
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as interrupt:
+        name, code = ("SIGTERM", 143) if isinstance(interrupt, Interrupted) else ("SIGINT", 130)
+        output = flag_value(argv, "--output", "--output-path")
+        kept = f"; finished shards are kept in {output}.incomplete" if output else ""
+        print(f"sae-vision cache: interrupted ({name}){kept}: run the same command again to resume",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return code
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@one_line_errors("cache")
+def _main(argv: list[str]) -> int:
     """Under ``torchrun`` the shards are split over the ranks (one cache, committed once)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, file = _parser(argv)

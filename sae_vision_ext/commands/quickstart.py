@@ -51,6 +51,7 @@ class QuickstartConfig:
     num_workers: int = option(1, "--workers", help="DataLoader workers decoding and augmenting images")
     n_checkpoints: int = option(2, "--checkpoints", help="checkpoints during training")
     resume: bool = option(False, help="continue from the latest checkpoint in --output")
+    overwrite: bool = option(False, help="replace an earlier quickstart run in --output (else it is refused)")
     seed: int = option(0, help="seed of everything random (SAE init, views, random model weights)")
     device: str = option("cpu", help="cpu, cuda, mps")
     tiny: bool = option(False, help="a seconds-long run (tests): tiny images, few rows")
@@ -148,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{q.hook_name}, {q.token_selection} tokens ({model.token_layout.n_patches} per image)")  # fmt: skip
     print(f"SAE: matryoshka_topk d_in={d_in} d_sae={cfg.sae.d_sae} k_levels={cfg.sae.k_levels} weighting="
           f"{q.level_weighting}; {cfg.training_rows:,} rows in batches of {cfg.train_batch_size_rows}")  # fmt: skip
-    runner = VisionSAETrainingRunner(cfg, images=images, model=model, preprocess=preprocess, say=say, weights=weights)
+    runner = VisionSAETrainingRunner(cfg, images=images, model=model, preprocess=preprocess, say=say, weights=weights,
+                                     overwrite=q.overwrite)  # fmt: skip
     result = runner.run()
     print(result.summary())
     if result.interrupted:

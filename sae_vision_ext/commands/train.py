@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from sae_vision_ext.commands._common import one_line_errors, parse, say
 from sae_vision_ext.commands._runner import describe_run, finish_config, runner_config_data, runner_parser
+from sae_vision_ext.training.config import option
 
 DESCRIPTION = """Train SAEs on a vision model's activations with SAELens's SAETrainer, from images (through the
 model) or from an activation cache written by `sae-vision cache`. The model uses its pretrained weights,
@@ -29,22 +32,41 @@ EPILOG = """examples:
 HIDE = ("allow_repeat", "images_per_shard", "cache_dtype")
 
 
+@dataclass
+class TrainOptions:
+    """What to do with an earlier run in --output."""
+
+    overwrite: bool = option(False, help="replace the run already in --output (its SAE files and checkpoints; "
+                             "other files are kept); without it (or --resume) such a folder is refused")  # fmt: skip
+
+
+def _parser(argv: Sequence[str]):
+    parser, file = runner_parser(argv, "sae-vision train", DESCRIPTION, EPILOG, HIDE, with_sae=True)
+    parser.add_arguments(TrainOptions, dest="train")
+    return parser, file
+
+
 def build_parser(argv: Sequence[str] = ()):
-    parser, _ = runner_parser(argv, "sae-vision train", DESCRIPTION, EPILOG, HIDE, with_sae=True)
-    return parser
+    return _parser(argv)[0]
 
 
 @one_line_errors("train")
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, file = runner_parser(argv, "sae-vision train", DESCRIPTION, EPILOG, HIDE, with_sae=True)
+    parser, file = _parser(argv)
     args = parse(parser, argv)
     data = runner_config_data(args, argv, parser, file, "train", HIDE)
     # heavy: imported when the command runs, so --help stays instant
-    from sae_vision_ext.training.runner import VisionSAETrainingRunner
+    from sae_vision_ext.training.runner import VisionSAETrainingRunner, check_output_free
 
+    overwrite = args.train.overwrite
+    output = data.get("output_path") or "runs/vision_sae"
+    # before any work (the model is loaded next): an earlier run in --output is continued or replaced, never mixed
+    check_output_free(output, data.get("checkpoint_path") or Path(output) / "checkpoints",
+                      data.get("resume_from_checkpoint") is not None, overwrite)  # fmt: skip
     cfg, model, preprocess, weights = finish_config(data)
     say(f"train: {describe_run(cfg, weights)}")
-    result = VisionSAETrainingRunner(cfg, model=model, preprocess=preprocess, weights=weights).run()
+    result = VisionSAETrainingRunner(cfg, model=model, preprocess=preprocess, weights=weights,
+                                     overwrite=overwrite).run()  # fmt: skip
     print(result.summary())
     return 130 if result.interrupted else 0

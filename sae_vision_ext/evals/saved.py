@@ -19,6 +19,7 @@ from sae_vision_ext.activations.images import open_images
 from sae_vision_ext.activations.source import ImageActivationSource
 from sae_vision_ext.errors import UserError
 from sae_vision_ext.evals.reconstruction import evaluate_sae
+from sae_vision_ext.loading.checks import warn_if_not_finite
 from sae_vision_ext.training.config import RUNNER_CFG_FILENAME, VisionSAERunnerConfig
 from sae_vision_ext.training.monitor import per_k_metrics
 from sae_vision_ext.training.runner import VisionSAETrainingRunner
@@ -32,11 +33,13 @@ def load_sae_folder(path: str | Path, device: str = "cpu") -> SAE:
         raise FileNotFoundError(f"{folder} is not an SAE folder (no cfg.json); give the folder that holds cfg.json "
                                 "and sae_weights.safetensors")  # fmt: skip
     try:
-        return SAE.load_from_disk(str(folder), device=device)
+        sae = SAE.load_from_disk(str(folder), device=device)
     except KeyError as err:
         architecture = json.loads((folder / "cfg.json").read_text()).get("architecture")
         raise UserError(f"{folder}: SAE architecture {architecture!r} is not registered with SAELens; "
                         "`import sae_vision_ext` (or the plugin that defines it) before loading") from err  # fmt: skip
+    warn_if_not_finite(sae, str(folder))
+    return sae
 
 
 def evaluate_rows_per_k(sae: Any, batches: Callable[[], Iterator[torch.Tensor]], ks: list[int] | None,

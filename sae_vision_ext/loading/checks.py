@@ -36,3 +36,16 @@ def check_sae_fits_model(sae: Any, model: Any, hook_name: str | None = None) -> 
             f"SAE was trained on {meta.get('model_name')}, not {model_name}", UserWarning, stacklevel=2
         )
     return hook_name
+
+
+def warn_if_not_finite(sae: Any, where: str) -> list[str]:
+    """Warn (``UserWarning``) when any floating tensor of ``sae`` holds NaN or inf; returns their names.
+
+    Such an SAE encodes every input to NaN; it usually comes from a run that diverged.
+    """
+    bad = [name for name, tensor in sae.state_dict().items()
+           if tensor.is_floating_point() and not bool(tensor.isfinite().all())]  # fmt: skip
+    if bad:
+        warnings.warn(f"{where}: the SAE's {', '.join(bad)} hold NaN or inf values: it encodes every input to NaN "
+                      "(the run that made it diverged?)", UserWarning, stacklevel=2)  # fmt: skip
+    return bad

@@ -13,6 +13,8 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sae_vision_ext.loading.checks import warn_if_not_finite
+
 if TYPE_CHECKING:
     import torch
 
@@ -113,5 +115,6 @@ def convert_checkpoint(
         for key, value in metadata.items():
             sae.cfg.metadata[key] = value
     out = Path(out_dir)
+    warn_if_not_finite(sae, f"converting {source}")
     sae.save_model(out)
     return out

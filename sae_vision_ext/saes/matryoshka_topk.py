@@ -34,6 +34,7 @@ renormalisation after each step changes nothing in the function. Saved weights h
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -150,16 +151,22 @@ def level_weights(level_weighting: str | Sequence[float], n_levels: int) -> list
     return [w / total for w in raw]
 
 
+def check_k(k: Any, d_sae: int, name: str = "k") -> int | None:
+    """``k`` as an int in [1, d_sae], or None (the ReLU latents); anything else is one clear ValueError."""
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= d_sae:
+        raise ValueError(f"{name} must be an integer in [1, d_sae={d_sae}] (None: ReLU latents); got {k!r}")
+    return int(k)
+
+
 def _validate_common(cfg: Any) -> None:
     if cfg.d_in < 1 or cfg.d_sae < 1:
         raise ValueError(f"d_in and d_sae must be positive, got d_in={cfg.d_in}, d_sae={cfg.d_sae}")
     if cfg.k_levels is None:
         cfg.k_levels = default_k_levels(cfg.d_sae)
     cfg.k_levels = validate_k_levels(cfg.k_levels, cfg.d_sae)
-    if cfg.inference_k is not None and not (1 <= cfg.inference_k <= cfg.d_sae):
-        raise ValueError(
-            f"inference_k must be None (ReLU) or in [1, d_sae={cfg.d_sae}], got {cfg.inference_k}"
-        )
+    cfg.inference_k = check_k(cfg.inference_k, cfg.d_sae, "inference_k")
 
 
 @dataclass
@@ -649,15 +656,14 @@ class _MatryoshkaTopKMixin:
         TopK ranks latents by z_j ||D_j|| (= z_j for unit-norm decoder rows), which makes ``fold_W_dec_norm``
         exact at every k.
         """
-        k = self.cfg.inference_k if k is None else k
+        k = check_k(self.cfg.inference_k if k is None else k, self.cfg.d_sae)
         z = F.relu(self._hidden_pre(self._prepare_input(x)))
         if k is not None and k < self.cfg.d_sae:
             z = self._topk_latents(z, k)
         return self.hook_sae_acts_post(z)
 
     def _topk_latents(self, z: torch.Tensor, k: int) -> torch.Tensor:
-        if not (1 <= k <= self.cfg.d_sae):
-            raise ValueError(f"k must be in [1, d_sae={self.cfg.d_sae}], got {k}")
+        k = check_k(k, self.cfg.d_sae)
         _, row_norms = self._decoder_and_row_norms()
         scores = self._topk_scores(z, row_norms)
         indices = torch.topk(z if scores is None else scores, k, dim=-1).indices
@@ -696,9 +702,7 @@ class _MatryoshkaTopKMixin:
         ks = list(self.cfg.k_levels if ks is None else ks)
         if not ks:
             raise ValueError("ks must not be empty")
-        for k in ks:
-            if k is not None and not (1 <= k <= self.cfg.d_sae):
-                raise ValueError(f"every k must be None (ReLU) or in [1, d_sae={self.cfg.d_sae}], got {k}")
+        ks = [check_k(k, self.cfg.d_sae) for k in ks]
         prepared = self._prepare_input(x)
         lead_shape = prepared.shape[:-1]
         z = F.relu(self._hidden_pre(prepared.reshape(-1, self.cfg.d_in)))
@@ -766,6 +770,10 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
     def __init__(self, cfg: MatryoshkaTopKTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         self.level_weights = level_weights(cfg.level_weighting, len(cfg.k_levels))
+        # True right after loading saved weights: their decoder rows are already what the next step's in-place
+        # renormalisation would make of the live rows (saving normalises them the same way), and normalising
+        # unit rows again changes their last bits, so a resumed run would drift from an uninterrupted one
+        self._decoder_rows_normalised = False
 
     def _decoder_and_row_norms(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.cfg.normalize_decoder:
@@ -801,8 +809,9 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """One encoder pass, nested level reconstructions, loss = sum_i a_i L_i (weights normalised)."""
-        if self.cfg.normalize_decoder:
+        if self.cfg.normalize_decoder and not self._decoder_rows_normalised:
             self.set_decoder_norm_to_unit_norm()
+        self._decoder_rows_normalised = False
         raw = step_input.sae_in
         if self.cfg.standardize_input and not self.input_standardization_is_set:
             warnings.warn(
@@ -867,9 +876,14 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
             super().fold_W_dec_norm()
 
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
-        if self.cfg.normalize_decoder:
+        if self.cfg.normalize_decoder:  # the same operation as ``set_decoder_norm_to_unit_norm``, bit for bit
             w = state_dict["W_dec"]
             state_dict["W_dec"] = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_loading(state_dict)
+        # saved rows were normalised on saving: the next step uses them as they are (exact resume)
+        self._decoder_rows_normalised = bool(self.cfg.normalize_decoder)
 
 
 ARCHITECTURES = [

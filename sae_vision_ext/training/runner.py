@@ -20,12 +20,14 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import signal
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from sae_vision_ext.activations.store import (
     StoppableProvider,
     TrainingInterrupted,
 )
+from sae_vision_ext.errors import UserError
 from sae_vision_ext.training.config import RUNNER_CFG_FILENAME, VisionSAERunnerConfig
 from sae_vision_ext.training.monitor import TrainingMonitor, matryoshka_levels, per_k_metrics
 from sae_vision_ext.vision.load import describe_weights
@@ -54,15 +57,38 @@ VISION_STATE_FILENAME = "vision_state.json"
 RNG_STATE_FILENAME = "rng_state.pt"
 EVAL_METRICS_FILENAME = "eval_metrics.json"
 STAGING_DIRNAME = ".staging"
-# config fields that must match between a checkpoint and the run that resumes it
+RUN_ID_FILENAME = "run_id.json"  # in the checkpoint folder: the run its checkpoints belong to
+# config fields that must match between a checkpoint and the run that resumes it (plus the whole sae section)
 RESUME_KEYS = (
-    "model_name", "hook_name", "token_selection", "dataset_path", "use_cached_activations",
-    "cached_activations_path", "train_batch_size_rows", "seed", "augment", "img_size", "buffer_size_rows",
-    "activations_mixing_fraction", "eval_holdout_images", "model_batch_size",
+    "model_name", "pretrained", "model_weights", "hook_name", "token_selection", "dataset_path", "dataset_split",
+    "image_column", "use_cached_activations", "cached_activations_path", "train_batch_size_rows", "seed",
+    "augment", "crop_scale", "shuffle_images", "img_size", "buffer_size_rows", "activations_mixing_fraction",
+    "images_per_segment", "eval_holdout_images", "model_batch_size", "autocast_model", "training_rows", "lr",
+    "lr_end", "lr_scheduler_name", "lr_warm_up_steps", "lr_decay_steps", "lr_decay_fraction", "n_restart_cycles",
+    "adam_beta1", "adam_beta2", "dead_feature_window", "feature_sampling_window", "n_batches_for_norm_estimate",
+    "autocast", "dtype",
 )  # fmt: skip
+# what a finished run leaves in its output folder (in a subfolder per hook when there are several)
+OUTPUT_FILENAMES = ("sae_weights.safetensors", "cfg.json", "sparsity.safetensors", EVAL_METRICS_FILENAME,
+                    RUNNER_CFG_FILENAME, "metrics.jsonl", "training_curves.png", "fvu_vs_k.png")  # fmt: skip
+
+
+class NonFiniteTrainingError(UserError):
+    """A training step produced a non-finite loss or weight; the run stopped without saving that SAE."""
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"sae": {"k": 8}}`` -> ``{"sae.k": 8}``."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def check_writable(path: str | os.PathLike, what: str) -> Path:
@@ -111,17 +137,109 @@ def committed_checkpoints(checkpoint_root: str | os.PathLike) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def resolve_checkpoint(spec: str | None, checkpoint_root: str | os.PathLike) -> Path | None:
-    """``None`` -> None; ``"latest"`` -> the newest complete checkpoint (or None); else that folder."""
+def resolve_checkpoint(spec: str | None, checkpoint_root: str | os.PathLike, say=None) -> Path | None:
+    """``None`` -> None; ``"latest"`` -> the newest complete checkpoint whose files all read (or None): a damaged
+    newer one is passed over, and ``say`` tells which and why; else that folder (damaged: ``ValueError``)."""
     if spec is None:
         return None
     if spec == "latest":
         found = committed_checkpoints(checkpoint_root)
-        return found[-1] if found else None
+        damaged = []
+        for path in reversed(found):
+            damage = checkpoint_damage(path)
+            if damage is None:
+                if damaged and say is not None:
+                    say(f"checkpoint {damaged[0][0]} is damaged ({damaged[0][1]}); falling back to the previous "
+                        f"complete checkpoint {path}")  # fmt: skip
+                return path
+            damaged.append((path, damage))
+        if damaged:
+            raise ValueError(f"no readable checkpoint in {checkpoint_root}: all {len(found)} are damaged (the newest: "
+                             f"{damaged[0][1]}); train from scratch with --overwrite")  # fmt: skip
+        return None
     path = Path(spec)
     if not (path / VISION_STATE_FILENAME).exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {VISION_STATE_FILENAME})")
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise ValueError(f"checkpoint {path} is damaged ({damage}); resume from an earlier checkpoint "
+                         f"(--resume FOLDER, or --resume for the newest readable one) or train from scratch")
     return path
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """None when every file of checkpoint ``path`` reads (safetensors, torch, JSON), else which file fails and how
+    (a truncated or half-written file)."""
+    from safetensors.torch import load_file
+
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                load_file(file)
+            elif file.suffix == ".pt":
+                torch.load(file, map_location="cpu", weights_only=True)
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except Exception as err:  # noqa: BLE001  (any failure to read it is damage; the message says which)
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"{file} cannot be read: {text}"
+    return None
+
+
+def finished_run(output_path: str | os.PathLike, checkpoint_root: str | os.PathLike) -> list[Path]:
+    """The SAE file(s) and complete checkpoints a run left in ``output_path`` / ``checkpoint_root``."""
+    out = Path(output_path)
+    saes = [out / "sae_weights.safetensors"] + sorted(out.glob("*/sae_weights.safetensors"))
+    return [p for p in saes if p.is_file()] + committed_checkpoints(checkpoint_root)
+
+
+def check_output_free(output_path: str | os.PathLike, checkpoint_root: str | os.PathLike, resume: bool,
+                      overwrite: bool) -> None:  # fmt: skip
+    """Refuse (``FileExistsError``, one line) to start a new run where one already left an SAE or checkpoints,
+    unless it is resumed (``--resume``) or replaced (``--overwrite``)."""
+    if resume or overwrite:
+        return
+    found = finished_run(output_path, checkpoint_root)
+    if found:
+        n_checkpoints = len(committed_checkpoints(checkpoint_root))
+        what = [f"the SAE {p}" for p in found if p.name == "sae_weights.safetensors"][:1]
+        what += [f"{n_checkpoints} checkpoint(s) in {checkpoint_root}"] if n_checkpoints else []
+        raise FileExistsError(f"{output_path} already holds a run ({' and '.join(what)}): add --resume to continue "
+                              "it, or --overwrite to replace it (nothing was changed)")  # fmt: skip
+
+
+def remove_previous_run(output_path: str | os.PathLike, checkpoint_root: str | os.PathLike) -> list[Path]:
+    """``--overwrite``: remove what an earlier run wrote (its SAE files, per-hook SAE folders, complete
+    checkpoints, staging folders, run id); any other file stays. Returns what was removed."""
+    out, root = Path(output_path), Path(checkpoint_root)
+    removed = []
+    folders = [out] + sorted(p.parent for p in out.glob("*/sae_weights.safetensors") if (p.parent / "cfg.json").exists())
+    for folder in folders:
+        for name in OUTPUT_FILENAMES:
+            if (folder / name).is_file():
+                (folder / name).unlink()
+                removed.append(folder / name)
+        if folder != out:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when nothing else is in it
+    ours = committed_checkpoints(root)
+    if root.is_dir():
+        ours += [p for p in root.iterdir() if p.name == STAGING_DIRNAME or p.name.startswith(".replaced-")]
+    for path in ours:
+        shutil.rmtree(path)
+        removed.append(path)
+    if (root / RUN_ID_FILENAME).is_file():
+        (root / RUN_ID_FILENAME).unlink()
+        removed.append(root / RUN_ID_FILENAME)
+    return removed
+
+
+def current_run_id(checkpoint_root: str | os.PathLike) -> str | None:
+    """The id of the run last started with this checkpoint folder (None: none recorded)."""
+    try:
+        return json.loads((Path(checkpoint_root) / RUN_ID_FILENAME).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _make_training_sae(sae_cfg: Any):
@@ -217,7 +335,8 @@ class VisionSAEEvaluator:
     """
 
     def __init__(self, eval_rows: dict[str, torch.Tensor], source: str = "held-out images"):
-        self.eval_rows = eval_rows
+        # rows with a non-finite value (or squared norm) are left out, as in training: one would make every metric NaN
+        self.eval_rows = {h: rows[torch.isfinite(rows.float().square().sum(-1))] for h, rows in eval_rows.items()}
         self.source = source
 
     def metrics(self, sae: Any, hook: str, scaler: Any = None, encode_kwargs: dict | None = None) -> dict:
@@ -247,13 +366,18 @@ class _ProgressProvider:
     """
 
     def __init__(self, provider: Any, total: int, samples_fn, counters: dict[str, int], enabled: bool = True,
-                 status=None):  # fmt: skip
+                 status=None, health=None):  # fmt: skip
         from tqdm.auto import tqdm
 
         self.provider = provider
         self.samples_fn = samples_fn
         self.counters = counters
         self.status = status
+        # health(): a scalar tensor, non-finite when the last step's loss or weights were (None: no step yet);
+        # read together with the batch's count of non-finite rows: one host sync per step
+        self.health = health
+        self.skipped_in_batch = 0  # non-finite rows left out of the last batch handed out
+        self.non_finite_rows = 0  # all of this run's (a resumed run starts from the checkpoint's count)
         self.bar = tqdm(total=total, initial=samples_fn(), unit="rows", unit_scale=True, desc="training SAE",
                         disable=not enabled, mininterval=0.5, dynamic_ncols=True, smoothing=0.1)  # fmt: skip
         self._last_postfix = 0.0
@@ -262,13 +386,38 @@ class _ProgressProvider:
         return self
 
     def __next__(self):
-        batch = next(self.provider)
+        batch = self._finite_batch()
         done = self.samples_fn()
         if done > self.bar.n:
             self.bar.update(done - self.bar.n)
         if time.monotonic() - self._last_postfix > 1.0:
             self._show_postfix()
         return batch
+
+    def _finite_batch(self):
+        """The next batch without its non-finite rows (NaN, inf, or a squared norm that overflows float32, as one
+        1e30 value does), counted in ``non_finite_rows``; a batch with no finite row is skipped whole.
+        Raises :class:`NonFiniteTrainingError` when the previous step left a non-finite loss or weight."""
+        skipped = 0
+        while True:
+            batch = next(self.provider)
+            parts = list(batch.values()) if isinstance(batch, dict) else [batch]
+            bad = None
+            for part in parts:  # a row is dropped from every hook when it is bad at one
+                row_bad = ~torch.isfinite(part.float().square().sum(-1))
+                bad = row_bad if bad is None else bad | row_bad.to(bad.device)
+            health = self.health() if self.health is not None else None
+            n_bad, healthy = _read_scalars(bad.sum(), health)
+            if not healthy:
+                raise NonFiniteTrainingError("a training step gave a non-finite loss or weight")  # worded by the runner
+            if n_bad:
+                keep = ~bad
+                batch = {h: t[keep.to(t.device)] for h, t in batch.items()} if isinstance(batch, dict) else batch[keep]
+                skipped += n_bad
+                self.non_finite_rows += n_bad
+            if n_bad < bad.shape[0]:
+                self.skipped_in_batch = skipped
+                return batch
 
     def _show_postfix(self):
         if self.bar.disable:
@@ -286,6 +435,16 @@ class _ProgressProvider:
         if final is not None and final > self.bar.n:
             self.bar.update(final - self.bar.n)
         self.bar.close()
+
+
+def _read_scalars(count: torch.Tensor, health: torch.Tensor | None) -> tuple[int, bool]:
+    """``(count, health is finite)`` in one host sync (two when the tensors live on different devices)."""
+    if health is None:
+        return int(count), True
+    if health.device == count.device:
+        n, h = torch.stack([count.float(), health.float()]).tolist()
+        return int(n), math.isfinite(h)
+    return int(count), math.isfinite(float(health))
 
 
 @contextlib.contextmanager
@@ -325,10 +484,22 @@ class TrainingResult:
     eval_source: str = ""
     metrics_log: Path | None = None  # metrics.jsonl (training.monitor)
     plots: list[Path] = field(default_factory=list)  # training_curves.png, fvu_vs_k.png
+    rows_this_run: int | None = None  # rows trained by this call (less than n_training_rows after a resume)
 
     @property
     def sae(self):
         return next(iter(self.saes.values()))
+
+    def _rows_line(self) -> str:
+        """Rows and rows/s, the rate over the rows this call trained (never a division by ~0 seconds)."""
+        total, new = self.n_training_rows, self.n_training_rows if self.rows_this_run is None else self.rows_this_run
+        rate = f"{new / self.seconds:,.0f} rows/s" if new > 0 and self.seconds >= 1e-3 else ""
+        if new <= 0:
+            return f"trained on {total:,} rows (none in this run: the checkpoint was at the end)"
+        if new == total:
+            return f"trained on {total:,} rows in {self.seconds:.1f} s" + (f" ({rate})" if rate else "")
+        return f"trained on {total:,} rows ({new:,} of them in this run, {self.seconds:.1f} s" + (
+            f", {rate})" if rate else ")")
 
     def summary(self) -> str:
         lines = []
@@ -338,8 +509,10 @@ class TrainingResult:
             if self.metrics_log is not None:
                 lines.append(f"training curve so far: {self.metrics_log}")
             return "\n".join(lines)
-        rate = self.n_training_rows / max(self.seconds, 1e-9)
-        lines.append(f"trained on {self.n_training_rows:,} rows in {self.seconds:.1f} s ({rate:,.0f} rows/s)")
+        lines.append(self._rows_line())
+        if self.counters.get("non_finite_rows"):
+            lines.append(f"non-finite input rows skipped: {self.counters['non_finite_rows']:,} (NaN, inf or too large; "
+                         "they count in the rows above)")  # fmt: skip
         if "images_ok" in self.counters:
             lines.append(f"images: {self.counters['images_ok']:,} read, {self.counters['images_failed']:,} skipped")
         if self.weights:
@@ -390,8 +563,11 @@ class VisionSAETrainingRunner:
         preprocess: Any = None,
         say=None,
         weights: dict[str, Any] | None = None,
+        overwrite: bool = False,
     ):
         self.cfg = cfg
+        # replace an earlier run in the output folder (else a new run there is refused; see check_output_free)
+        self.overwrite = overwrite
         self.images = images
         self.eval_images = eval_images
         self.model = model
@@ -406,12 +582,19 @@ class VisionSAETrainingRunner:
         self.output_path = Path(cfg.output_path)
         self.checkpoint_root = Path(cfg.checkpoint_path)
         self.staging = self.checkpoint_root / STAGING_DIRNAME
+        self.run_id: str | None = None
+        self.progress: _ProgressProvider | None = None
+        self._health: dict[str, torch.Tensor] = {}  # per hook: the last step's loss + the sum of its weights
 
     # ------------------------------------------------------------------ preflight
     def _preflight(self) -> tuple[dict[str, int], dict | None]:
         cfg = self.cfg
         if cfg.sae is None:
             raise ValueError("the config has no sae section: nothing to train")
+        if self.overwrite and cfg.resume_from_checkpoint is not None:
+            raise ValueError("--overwrite and --resume contradict each other: give one")
+        check_output_free(self.output_path, self.checkpoint_root, cfg.resume_from_checkpoint is not None,
+                          self.overwrite)  # fmt: skip
         check_writable(self.output_path, "output folder")
         check_writable(self.checkpoint_root, "checkpoint folder")
         if cfg.use_cached_activations:
@@ -547,16 +730,34 @@ class VisionSAETrainingRunner:
     def _resume_fingerprint(self) -> dict[str, Any]:
         cfg_dict = self.cfg.to_dict()
         out = {k: cfg_dict.get(k) for k in RESUME_KEYS}
-        sae = cfg_dict["sae"]
-        out["sae"] = {k: sae.get(k) for k in ("architecture", "d_in", "d_sae")}
+        # the whole sae section (k, k_levels, level_weighting, ...); where it lives and its free-form notes aside
+        out["sae"] = {k: v for k, v in cfg_dict["sae"].items() if k not in ("metadata", "device")}
         out["effective_buffer_rows"] = self._buffer_rows()
         return json.loads(json.dumps(out, default=str))
+
+    def _unhealthy_hooks(self) -> list[str]:
+        """Hooks whose last step left a non-finite loss or weight (one host sync; only called when it matters)."""
+        return [h for h, value in self._health.items() if not math.isfinite(float(value))]
+
+    def _non_finite_error(self, hooks: list[str]) -> NonFiniteTrainingError:
+        rows = self.trainer.n_training_samples
+        kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None
+                else "no checkpoint was written")  # fmt: skip
+        return NonFiniteTrainingError(
+            f"training stopped at {rows:,} rows: a step gave the SAE for {', '.join(hooks)} a non-finite loss or "
+            f"weight (NaN/inf) although non-finite input rows are skipped; the SAE was not saved and {kept}. "
+            "Lower --lr (a new run: --overwrite) or check the activations"
+        )
 
     def _commit_checkpoint(self, checkpoint_path: Path | None) -> None:
         """SAELens's ``save_checkpoint_fn``: add our state next to its files, then publish the folder atomically."""
         if checkpoint_path is None:
             return
         checkpoint_path = Path(checkpoint_path)
+        unhealthy = self._unhealthy_hooks()
+        if unhealthy:  # never publish a checkpoint of a broken SAE: the last good one stays the latest
+            shutil.rmtree(checkpoint_path, ignore_errors=True)
+            raise self._non_finite_error(unhealthy)
         trainer = self.trainer
         samples = trainer.n_training_samples
         state = {
@@ -567,6 +768,8 @@ class VisionSAETrainingRunner:
             "counters": dict(self.store.counters),
             "hooks": self.hooks,
             "resume_fingerprint": self._resume_fingerprint(),
+            "run_id": self.run_id,
+            "non_finite_rows": self.progress.non_finite_rows if self.progress is not None else 0,
             "saved_unix": time.time(),
         }
         torch.save({"torch_cpu": torch.random.get_rng_state()}, checkpoint_path / RNG_STATE_FILENAME)
@@ -588,15 +791,23 @@ class VisionSAETrainingRunner:
             self.say(f"checkpoint: {final}")
 
     def _checkpoint_state(self, path: Path) -> dict[str, Any]:
-        """The checkpoint's ``vision_state.json``, after checking that it was made with this run's config."""
+        """The checkpoint's ``vision_state.json``, after checking that it belongs to the run last started in its
+        folder and was made with this run's config (every setting that changes the result)."""
         state = json.loads((path / VISION_STATE_FILENAME).read_text())
-        expected = self._resume_fingerprint()
-        saved = state.get("resume_fingerprint", {})
-        changed = sorted(k for k in expected if saved.get(k) != expected[k])
-        if changed:
+        current = current_run_id(path.parent)
+        if state.get("run_id") != current:
             raise ValueError(
-                f"checkpoint {path} was made with a different config (differs in: {', '.join(changed)}); resume with "
-                "the same config, or train from scratch without --resume"
+                f"checkpoint {path} belongs to another run (run id {state.get('run_id')}) than the one last started "
+                f"in {path.parent} (run id {current}), which wrote no checkpoint: refusing to continue the other "
+                "run; train from scratch with --overwrite"
+            )
+        expected, saved = _flat(self._resume_fingerprint()), _flat(state.get("resume_fingerprint", {}))
+        changed = sorted(k for k in expected.keys() | saved.keys() if saved.get(k) != expected.get(k))
+        if changed:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {expected.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"checkpoint {path} was made with a different config (differs in: {', '.join(changed)}) ({details}); "
+                "resume with the same config, or train from scratch with --overwrite"
             )
         return state
 
@@ -658,11 +869,21 @@ class VisionSAETrainingRunner:
             train_images = eval_images = None
         else:
             train_images, eval_images = self._collections()
+        if self.overwrite:
+            removed = remove_previous_run(self.output_path, self.checkpoint_root)
+            if removed:
+                self.say(f"--overwrite: removed the earlier run in {self.output_path} ({len(removed)} files and "
+                         "checkpoint folders; other files are kept)")  # fmt: skip
         shutil.rmtree(self.staging, ignore_errors=True)
-        checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_root)
+        checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_root, say=self.say)
         if cfg.resume_from_checkpoint == "latest" and checkpoint is None:
             self.say(f"no checkpoint in {self.checkpoint_root} yet: starting from scratch")
-        position = self._checkpoint_state(checkpoint)["data_position"] if checkpoint is not None else None
+        resumed_state = self._checkpoint_state(checkpoint) if checkpoint is not None else None
+        position = resumed_state["data_position"] if resumed_state is not None else None
+        # a new run gets a new id: checkpoints of any earlier run in this folder can no longer be resumed
+        self.run_id = resumed_state.get("run_id") if resumed_state is not None else uuid.uuid4().hex
+        if self.run_id is not None and current_run_id(self.checkpoint_root) != self.run_id:
+            write_json_atomic(self.checkpoint_root / RUN_ID_FILENAME, {"run_id": self.run_id, "started_unix": time.time()})
 
         torch.manual_seed(cfg.seed)
         saes = {}
@@ -697,13 +918,17 @@ class VisionSAETrainingRunner:
         if checkpoint is not None:
             state = self._load_checkpoint(checkpoint)
             self.say(f"resumed from {checkpoint} at {state['n_training_samples']:,} rows")
+        self._watch_health()
         # wraps each trainer's step(): metrics.jsonl in the output folder, the bar's loss/MSE/L0/dead postfix
         resumed_step = state["n_training_steps"] if checkpoint is not None else None
         monitor = TrainingMonitor(self.output_path, self._sub_trainers(), cfg.training_rows,
                                   cfg.train_batch_size_rows, resumed_step=resumed_step, live=cfg.verbose)  # fmt: skip
         progress = _ProgressProvider(provider, cfg.training_rows, lambda: self.trainer.n_training_samples,
-                                     self.store.counters, enabled=cfg.verbose,
-                                     status=monitor.postfix)  # fmt: skip
+                                     self.store.counters, enabled=cfg.verbose, status=monitor.postfix,
+                                     health=self._health_value)  # fmt: skip
+        if checkpoint is not None:
+            progress.non_finite_rows = int(state.get("non_finite_rows", 0))
+        self.progress = progress
         self.trainer.data_provider = progress
 
         if cfg.logger.log_to_wandb:
@@ -721,6 +946,8 @@ class VisionSAETrainingRunner:
                 self.trainer.fit()
         except TrainingInterrupted:
             interrupted = True
+        except NonFiniteTrainingError:  # from the batch check or a checkpoint: the message names the hook(s)
+            raise self._non_finite_error(self._unhealthy_hooks() or list(self.hooks)) from None
         finally:
             progress.close(final=self.trainer.n_training_samples)
             monitor.close()
@@ -728,6 +955,10 @@ class VisionSAETrainingRunner:
             with contextlib.suppress(OSError):
                 self.staging.rmdir()  # only when empty
         train_seconds = time.perf_counter() - train_started
+        unhealthy = self._unhealthy_hooks()  # the last step is checked here (the others at the next batch)
+        if unhealthy:
+            raise self._non_finite_error(unhealthy)
+        counters = {**self.store.counters, "non_finite_rows": progress.non_finite_rows}
 
         if interrupted:
             if self.trainer.n_training_samples > 0:
@@ -737,8 +968,7 @@ class VisionSAETrainingRunner:
             self.say(f"stopped at {self.trainer.n_training_samples:,} rows; checkpoint: {self.last_checkpoint}")
             return TrainingResult(saes, self.output_path, {}, {}, self.trainer.n_training_samples,
                                   time.perf_counter() - started, interrupted=True, checkpoint=self.last_checkpoint,
-                                  counters=dict(self.store.counters), weights=self.weights,
-                                  metrics_log=monitor.path)  # fmt: skip
+                                  counters=counters, weights=self.weights, metrics_log=monitor.path)  # fmt: skip
 
         metrics: dict[str, dict[str, Any]] = {}
         if evaluator is None:
@@ -772,9 +1002,32 @@ class VisionSAETrainingRunner:
             wandb.finish()
         trained = self.trainer.n_training_samples - resumed_rows
         return TrainingResult(saes, self.output_path, sae_paths, metrics, self.trainer.n_training_samples,
-                              train_seconds if trained else 0.0, counters=dict(self.store.counters),
-                              weights=self.weights, eval_source=eval_source, checkpoint=self.last_checkpoint,
-                              metrics_log=monitor.path, plots=plots)  # fmt: skip
+                              train_seconds, counters=counters, weights=self.weights, eval_source=eval_source,
+                              checkpoint=self.last_checkpoint, metrics_log=monitor.path, plots=plots,
+                              rows_this_run=trained)  # fmt: skip
+
+    def _watch_health(self) -> None:
+        """Wrap each trainer's ``step``: count the rows its batch lost as non-finite in the run's rows (so the
+        schedule, checkpoints and resume stay those of the stream), and keep the step's loss + the sum of the SAE's
+        weights as a device scalar (non-finite when any of them is), read at the next batch: no extra sync."""
+        for hook, sub in self._sub_trainers().items():
+            original = sub.step
+
+            def step(batch, sub=sub, original=original, hook=hook):
+                sub.n_training_samples += self.progress.skipped_in_batch if self.progress is not None else 0
+                output = original(batch)
+                with torch.no_grad():
+                    weights = torch.stack([p.detach().float().sum() for p in sub.sae.parameters()]).sum()
+                    self._health[hook] = output.loss.detach().float() + weights.to(output.loss.device)
+                return output
+
+            sub.step = step
+
+    def _health_value(self) -> torch.Tensor | None:
+        if not self._health:
+            return None
+        values = list(self._health.values())
+        return values[0] if len(values) == 1 else torch.stack([v.to(values[0].device) for v in values]).sum()
 
     def _fit_input_statistics(self, saes: dict[str, Any], provider: Any) -> None:
         """Architectures that standardise their input (MSAE ``standardize_input``) estimate mean and scale first.
@@ -865,11 +1118,18 @@ def cache_activations(
     """
     from tqdm.auto import tqdm
 
-    from sae_vision_ext.activations.cache import ActivationCacheWriter
+    from sae_vision_ext.activations.cache import (
+        ActivationCacheWriter,
+        cache_metadata,
+        check_replaceable,
+        nothing_readable_error,
+    )
 
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
     runner = VisionSAETrainingRunner(cfg, images=images, model=model, preprocess=preprocess, say=say, weights=weights)
     check_writable(Path(path).parent, "cache folder")
+    if Path(path).exists() or Path(path).is_symlink():  # refuse a folder that is not ours before any work
+        check_replaceable(Path(path), overwrite=True)  # our complete cache: compared with this one below
     train_images, _ = runner._collections()
     n_dataset = len(train_images)
     passes = f"{n_images / n_dataset:.1f} passes over the same images"
@@ -912,9 +1172,22 @@ def cache_activations(
     m = max(cfg.model_batch_size, cfg.images_per_shard // cfg.model_batch_size * cfg.model_batch_size)
     writer = ActivationCacheWriter(path, n_images, m, settings, metadata=metadata, dtype=cfg.cache_dtype,
                                    seed=cfg.seed, overwrite=overwrite)  # fmt: skip
+    if (Path(path) / "state.json").exists() and not overwrite:  # the same command again on a finished cache
+        stored = json.loads(json.dumps(cache_metadata(path), default=str))
+        wanted = json.loads(json.dumps({**writer.settings, "n_images": n_images}, default=str))
+        differs = sorted(key for key, value in wanted.items() if stored.get(key) != value)
+        if differs:
+            raise FileExistsError(f"{path} already holds a complete cache made with other settings (differs in: "
+                                  f"{', '.join(differs)}); pass overwrite (--overwrite) to replace it, or choose "
+                                  "another output folder")  # fmt: skip
+        say(f"{path} already holds this cache, complete (same settings): nothing to do")
+        return CachedActivations(path)
     from sae_vision_ext.training.distributed import current_context
 
     context = current_context()
+    if m != cfg.images_per_shard and context.is_main:
+        say(f"images per shard: {m:,} instead of {cfg.images_per_shard:,} (--shard-images): a shard holds "
+            f"whole model batches of {cfg.model_batch_size:,} (--model-batch-size)")  # fmt: skip
     if n_images > n_dataset and context.is_main:
         views = "the same views (allow_repeat)" if cfg.augment == "none" else f"new random views ({cfg.augment})"
         say(f"caching {n_images:,} image positions from {n_dataset:,} images: {passes}, {views}")
@@ -964,8 +1237,15 @@ def cache_activations(
                         ok = failed = 0
             finally:
                 chunks.close()
+    except RuntimeError:  # the source gives up when none of the first images can be read
+        if source.n_ok or not source.n_failed or not writer.discard_if_empty():
+            raise
+        error = nothing_readable_error(settings["dataset_path"], source.n_failed, n_dataset, source.failures)
+        raise error from None
     finally:
         bar.close()
+    if not context.is_distributed and not source.n_ok and source.n_failed and writer.discard_if_empty():
+        raise nothing_readable_error(settings["dataset_path"], source.n_failed, n_dataset, source.failures)
     if context.is_distributed:
         from sae_vision_ext.activations.distributed_cache import commit_distributed
 

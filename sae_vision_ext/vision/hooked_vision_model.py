@@ -366,6 +366,9 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
                              f"{hint} (load with img_size=... for another resolution)")
         if not images.is_floating_point():
             raise TypeError(f"{self.spec} expects {expected}, got dtype {images.dtype}{hint}")
+        if images.dtype != self.dtype and not torch.is_autocast_enabled(images.device.type):
+            raise TypeError(f"{self.spec} runs in {self.dtype}, got images in {images.dtype}: pass "
+                            "images.to(model.dtype)")  # fmt: skip
 
     # ------------------------------------------------------------------ forward
     def _token_hook(self, hook: nn.Module, x: Tensor) -> Tensor:
