@@ -196,8 +196,13 @@ class CachedActivations:
         self.context_size: int | None = None
         self.dtype: str | None = None
         for entry in state["_data_files"]:
-            source = pa.memory_map(str(self.path / entry["filename"]), "r")
-            table = pa.ipc.open_stream(source).read_all()
+            shard = self.path / entry["filename"]
+            try:
+                table = pa.ipc.open_stream(pa.memory_map(str(shard), "r")).read_all()
+            except (pa.ArrowInvalid, OSError) as err:
+                raise ValueError(f"cache shard {shard} is damaged or missing ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:160]}); restore it, or write the cache again "
+                                 "(the same `sae-vision cache` command with --overwrite)") from err  # fmt: skip
             blocks: dict[str, list[np.ndarray]] = {}
             for name in table.column_names:
                 column = table.column(name)
