@@ -85,7 +85,7 @@ def trainer_setup(d_in: int, d_sae: int = 256, k: int = 16, rows: int = 512, bat
 
     torch.manual_seed(0)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
-    return sae, SAETrainerConfig(total_training_samples=rows, train_batch_size_samples=batch,
+    return sae, SAETrainerConfig(total_training_samples=rows, train_batch_size_samples=batch, lr=1e-3, lr_end=1e-3,
                                  n_batches_for_norm_estimate=2)
 
 

@@ -49,10 +49,10 @@ def test_every_import_order_registers_every_architecture_and_release(first_impor
 def test_public_api_at_the_top_level():
     import sae_vision_ext
     from sae_vision_ext import (
+        RASAE,
         HookedVisionModel,
         MatryoshkaTopKSAE,
         MatryoshkaTopKTrainingSAEConfig,
-        RASAE,
         RASAETrainingSAEConfig,
         VisionSAERunnerConfig,
         VisionSAETrainingRunner,
