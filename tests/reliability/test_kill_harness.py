@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from vision_training_helpers import TINY_MODEL, synthetic_images
 
-TESTS_DIR = Path(__file__).resolve().parents[1]
+TESTS_DIR = Path(__file__).resolve().parents[2]
 HOOK = "blocks.1.hook_resid_post"
 ARCHITECTURES = {
     "topk": ["--architecture", "topk", "--sae", "k=8"],

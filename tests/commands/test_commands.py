@@ -11,7 +11,7 @@ import pytest
 
 from sae_vision_ext import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _main(command: str):

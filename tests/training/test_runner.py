@@ -24,7 +24,7 @@ from sae_vision_ext.training.runner import (
     committed_checkpoints,
 )
 
-TESTS_DIR = Path(__file__).parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 HOOK = "blocks.1.hook_resid_post"
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_distributed.py"
 
 
 def test_torchrun_two_processes_match_single_process(tmp_path):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "capture.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "capture.py"
 
 
 def run(*args, timeout=600):
