@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from sae_vision_ext.activations.cache import ActivationCacheWriter, CachedActivations
-from sae_vision_ext.training.distributed import DistributedContext, current_context
+from sae_vision_ext.activations.process_group import DistributedContext, current_context
 
 __all__ = ["assign_shards", "claim_shards", "commit_distributed", "write_cache_distributed", "source_shard_writer", "cache_activations_distributed"]
 

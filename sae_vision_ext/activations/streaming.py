@@ -465,7 +465,7 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
     def __init__(self, source: Any, preprocess: Callable[[Any], torch.Tensor], rank: int | None = None,
                  world_size: int | None = None):
         if rank is None or world_size is None:
-            from sae_vision_ext.training.distributed import current_context
+            from sae_vision_ext.activations.process_group import current_context
 
             context = current_context()
             rank, world_size = context.rank, context.world_size
