@@ -25,7 +25,8 @@ test-slow: .venv/.installed chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
 lint: .venv/.installed
-	$(PY) -m ruff check sae_vision_ext tests examples benchmarks
+	$(PY) -m ruff check sae_vision_ext tests examples benchmarks scripts
+	.venv/bin/lint-imports
 
 bench: .venv/.installed
 	for b in benchmarks/*.py; do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done

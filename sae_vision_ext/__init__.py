@@ -2,9 +2,9 @@
 
 ``import sae_vision_ext`` makes the plugin's SAE architectures and named Hub releases known to SAELens, so
 ``SAE.load_from_disk``, ``SAE.from_pretrained``, ``TrainingSAEConfig.from_dict`` and SAELens's runners resolve
-them. Importing SAELens costs 5-8 s, so the package does not import it itself: if SAELens is already imported the
-registration happens now, otherwise the moment SAELens finishes importing (a one-shot import hook). That keeps
-``import sae_vision_ext`` and ``sae-vision --help`` instant.
+them. Importing SAELens costs 5-8 s, so the package does not import it itself: if SAELens is already imported
+the registration happens now, otherwise the moment SAELens finishes importing (a one-shot import hook). That
+keeps ``import sae_vision_ext`` and ``sae-vision --help`` instant.
 
 The public API (``MatryoshkaTopKSAE``, ``RASAE``, ``VisionSAERunnerConfig``, ``load_vision_model``, ...) is
 resolved on first access (PEP 562).
@@ -16,6 +16,8 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+
+from sae_vision_ext._registration import defer, resume_registration
 
 __version__ = "0.1.0"
 
@@ -52,9 +54,12 @@ def register_architectures() -> list[str]:
 
 
 # Modules that register their own classes when they finish importing (SAELens's own pattern).
-_SELF_REGISTERING = ("sae_vision_ext.saes.matryoshka_topk", "sae_vision_ext.saes.archetypal",
-                     "sae_vision_ext.loading.overcomplete")  # fmt: skip
-_registration_deferred = False
+_SELF_REGISTERING = (
+    "sae_vision_ext.saes",
+    "sae_vision_ext.saes.matryoshka_topk",
+    "sae_vision_ext.saes.archetypal",
+    "sae_vision_ext.loading.overcomplete",
+)
 
 
 def _importing(module_name: str) -> bool:
@@ -66,23 +71,14 @@ def _importing(module_name: str) -> bool:
 def _register_after_sae_lens_import() -> None:
     """When one of our self-registering modules is what imported SAELens, its classes do not exist yet: that
     module finishes first and calls :func:`resume_registration` at its end."""
-    global _registration_deferred
     if any(_importing(name) for name in _SELF_REGISTERING):
-        _registration_deferred = True
+        defer()
     else:
         register_architectures()
 
 
-def resume_registration() -> None:
-    """Called at the end of each self-registering module: completes a registration deferred by the hook."""
-    global _registration_deferred
-    if _registration_deferred:
-        _registration_deferred = False
-        register_architectures()
-
-
 class _RegisterAfterSaeLens(importlib.abc.MetaPathFinder):
-    """Import hook: once ``sae_lens`` has finished importing, register the plugin with it (then step aside)."""
+    """Import hook: once ``sae_lens`` has finished importing, register the plugin with it, then step aside."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "sae_lens":
@@ -117,4 +113,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["register_architectures", "__version__", *_LAZY]
+__all__ = ["register_architectures", "resume_registration", "__version__", *_LAZY]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from sae_vision_ext import __version__
+
 # subcommand -> (module in sae_vision_ext.commands, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("cache", "write a vision model's activations to an on-disk cache (resumable)"),
@@ -17,11 +19,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "FVU, cosine, L0 and dead latents of a trained SAE (per k for Matryoshka SAEs)"),
     "dashboard": ("dashboard", "HTML dashboard of an SAE's top latents and a PNG of FVU against L0"),
     "candidates": ("candidates", "k-means archetype candidates from activation rows (for ra_sae / a_sae)"),
-    "convert": ("convert", "convert a published SAE checkpoint (MSAE authors', overcomplete) to a SAELens folder"),
+    "convert": (
+        "convert",
+        "convert a published checkpoint (MSAE authors', overcomplete) to a SAELens folder",
+    ),
     "report": ("report", "train and compare SAEs (TopK, MSAE, RA-SAE) at matched L0; plots and tables"),
     "synthetic": ("synthetic", "soft-identifiability benchmark on synthetic data with known concepts"),
     "train-distributed": ("train_distributed", "data-parallel SAE training on cached activations (torchrun)"),
-    "quickstart": ("quickstart", "train a Matryoshka SAE on DINOv2 patch tokens of sample photos, in minutes"),
+    "quickstart": ("quickstart", "train a Matryoshka SAE on DINOv2 patch tokens of sample photos (minutes)"),
 }
 
 EPILOG = """examples:
@@ -36,9 +41,13 @@ Run `sae-vision COMMAND --help` for a command's flags (each with its default).""
 
 def usage() -> str:
     width = max(len(name) for name in SUBCOMMANDS)
-    lines = ["usage: sae-vision COMMAND [flags]", "",
-             "Train, evaluate, convert and inspect sparse autoencoders on vision models (a SAELens plugin).", "",
-             "commands:"]  # fmt: skip
+    lines = [
+        "usage: sae-vision COMMAND [flags]",
+        "",
+        "Train, evaluate, convert and inspect sparse autoencoders on vision models (a SAELens plugin).",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
     return "\n".join([*lines, "", EPILOG])
 
@@ -49,14 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     if argv[0] == "--version":
-        from sae_vision_ext import __version__
-
         print(f"sae-vision {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"sae-vision: error: unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"sae-vision: error: unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     module = importlib.import_module(f"sae_vision_ext.commands.{SUBCOMMANDS[name][0]}")
     return int(module.main(rest) or 0)

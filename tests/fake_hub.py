@@ -1,8 +1,9 @@
 """A local HTTP server standing in for the Hugging Face Hub (``HF_ENDPOINT``), for download tests.
 
-The ``fake_hub`` fixture (registered in ``conftest.py``) starts a :class:`FakeHub` on 127.0.0.1 at a free port,
-points ``huggingface_hub`` at it (environment and the module constants read at import) with an empty cache under
-``tmp_path``, and stops it at teardown. A test registers files, runs the code under test, then reads the log::
+The ``fake_hub`` fixture (registered in ``conftest.py``) starts a :class:`FakeHub` on 127.0.0.1 at a free
+port, points ``huggingface_hub`` at it (environment and the module constants read at import) with an empty
+cache under ``tmp_path``, and stops it at teardown. A test registers files, runs the code under test, then
+reads the log::
 
     served = serve_random_weights(fake_hub, "timm:vit_tiny_patch16_224", seed=0)
     model, _ = load_vision_model("timm:vit_tiny_patch16_224", pretrained=True)
@@ -12,17 +13,19 @@ What it answers, as the real hub does for a public repo whose files are plain gi
 
 - ``HEAD|GET /{repo_id}/resolve/{revision}/{filename}``: small files (``.json`` ...) with 200, ``ETag`` and
   ``X-Repo-Commit``; weight files (LFS extensions) with a 302 carrying ``X-Linked-Etag``, ``X-Linked-Size``,
-  ``X-Repo-Commit`` and a ``Location`` on another origin (``localhost`` instead of ``127.0.0.1``, like the CDN),
-  where ``/_lfs/{token}`` serves the bytes. No ``X-Xet-Hash`` header: ``huggingface_hub`` downloads over HTTP.
+  ``X-Repo-Commit`` and a ``Location`` on another origin (``localhost`` instead of ``127.0.0.1``, like the
+  CDN), where ``/_lfs/{token}`` serves the bytes. No ``X-Xet-Hash`` header: ``huggingface_hub`` downloads over
+  HTTP.
 - ``GET /api/models/{repo_id}[/revision/{revision}]`` (repo info with ``sha`` and ``siblings``) and
   ``GET /api/models/{repo_id}/tree/{revision}`` (file listing), as ``snapshot_download`` asks;
   ``GET /api/agent-harnesses`` (an empty registry; ``huggingface_hub`` asks once per process).
-- unknown repo: 404 ``X-Error-Code: RepoNotFound`` (``RepositoryNotFoundError``); unknown file in a known repo:
-  404 ``X-Error-Code: EntryNotFound`` with ``X-Repo-Commit`` (``RemoteEntryNotFoundError``).
+- unknown repo: 404 ``X-Error-Code: RepoNotFound`` (``RepositoryNotFoundError``); unknown file in a known
+  repo: 404 ``X-Error-Code: EntryNotFound`` with ``X-Repo-Commit`` (``RemoteEntryNotFoundError``).
 - uploads, as ``create_repo``, ``upload_file`` and ``upload_folder`` make them: ``POST /api/repos/create``,
-  ``POST /api/validate-yaml``, ``POST /api/models/{repo_id}/preupload/{revision}`` (every file is "regular": its
-  bytes travel base64-encoded in the commit, no LFS or Xet transfer) and ``POST /api/models/{repo_id}/commit/
-  {revision}`` (NDJSON). Committed files are then served like any other; ``uploaded()`` lists them.
+  ``POST /api/validate-yaml``, ``POST /api/models/{repo_id}/preupload/{revision}`` (every file is "regular":
+  its bytes travel base64-encoded in the commit, no LFS or Xet transfer) and ``POST
+  /api/models/{repo_id}/commit/ {revision}`` (NDJSON). Committed files are then served like any other;
+  ``uploaded()`` lists them.
 
 Any revision is accepted and resolves to one fixed commit per repo. Every request is logged.
 """
@@ -66,7 +69,8 @@ def _commit_of(repo_id: str) -> str:
 
 
 def _etag_of(path: Path) -> str:
-    """A stable id of this file version (the real hub sends the sha256 of LFS files; hashing GBs is not needed)."""
+    """A stable id of this file version (the real hub sends the sha256 of LFS files; hashing GBs is not
+    needed)."""
     stat = path.stat()
     return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
 
@@ -102,8 +106,11 @@ class FakeHub:
     def downloaded(self) -> list[tuple[str, str]]:
         """``(repo_id, filename)`` of every file whose bytes were sent (GET answered 200), in order."""
         with self._lock:
-            return [(r.repo_id, r.filename) for r in self.requests
-                    if r.method == "GET" and r.status == 200 and r.filename is not None]
+            return [
+                (r.repo_id, r.filename)
+                for r in self.requests
+                if r.method == "GET" and r.status == 200 and r.filename is not None
+            ]
 
     def uploaded(self) -> list[tuple[str, str]]:
         """``(repo_id, filename)`` of every file committed through the upload API, in order."""
@@ -113,8 +120,11 @@ class FakeHub:
     def file_requests(self, method: str | None = None) -> list[tuple[str, str, int]]:
         """``(repo_id, filename, status)`` of every request for a file (``method``: only HEAD or only GET)."""
         with self._lock:
-            return [(r.repo_id, r.filename, r.status) for r in self.requests
-                    if r.filename is not None and (method is None or r.method == method)]
+            return [
+                (r.repo_id, r.filename, r.status)
+                for r in self.requests
+                if r.filename is not None and (method is None or r.method == method)
+            ]
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     @property
@@ -130,8 +140,9 @@ class FakeHub:
     def start(self) -> FakeHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True  # a stuck client connection never blocks the test process
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="fake-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="fake-hub", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -153,7 +164,7 @@ class FakeHub:
             repos = sorted(self.files, key=len, reverse=True)
         for repo_id in repos:
             if path == repo_id or path.startswith(repo_id + "/"):
-                return repo_id, path[len(repo_id) + 1:]
+                return repo_id, path[len(repo_id) + 1 :]
         return None, path
 
     def _lfs_token(self, repo_id: str, filename: str) -> str:
@@ -181,17 +192,23 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             if raw_path == "/api/repos/create":
                 payload = json.loads(body)
-                repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+                repo_id = (
+                    f"{payload['organization']}/{payload['name']}"
+                    if payload.get("organization")
+                    else payload["name"]
+                )
                 hub.add_repo(repo_id)
                 self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
             elif raw_path == "/api/validate-yaml":
                 self._json(200, {"errors": [], "warnings": []})
             elif raw_path.startswith("/api/models/") and "/preupload/" in raw_path:
-                files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                         for f in json.loads(body)["files"]]
+                files = [
+                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                    for f in json.loads(body)["files"]
+                ]
                 self._json(200, {"files": files})
             elif raw_path.startswith("/api/models/") and "/commit/" in raw_path:
-                self._commit(unquote(raw_path[len("/api/models/"):].rpartition("/commit/")[0]), body)
+                self._commit(unquote(raw_path[len("/api/models/") :].rpartition("/commit/")[0]), body)
             else:
                 self._error(404, None, "Not found", True)
 
@@ -209,26 +226,44 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     with hub._lock:
                         hub._uploads.append((repo_id, item["value"]["path"]))
                 elif item["key"] != "header":
-                    self._error(400, None, f"the fake hub does not commit {item['key']!r} entries", True, repo_id)
+                    self._error(
+                        400, None, f"the fake hub does not commit {item['key']!r} entries", True, repo_id
+                    )
                     return
             commit = _commit_of(repo_id)
-            self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{commit}", "commitOid": commit,
-                             "pullRequestUrl": None})
+            self._json(
+                200,
+                {
+                    "commitUrl": f"{hub.url}/{repo_id}/commit/{commit}",
+                    "commitOid": commit,
+                    "pullRequestUrl": None,
+                },
+            )
 
         def _json(self, status: int, body) -> None:
-            self._send(status, json.dumps(body).encode(), True, {"Content-Type": "application/json"},
-                       HubRequest(self.command, self.path, status))
+            self._send(
+                status,
+                json.dumps(body).encode(),
+                True,
+                {"Content-Type": "application/json"},
+                HubRequest(self.command, self.path, status),
+            )
 
         def _answer(self, send_body: bool) -> None:
             raw_path = urlsplit(self.path).path
             if raw_path.startswith("/_lfs/"):
-                self._lfs(raw_path[len("/_lfs/"):], send_body)
+                self._lfs(raw_path[len("/_lfs/") :], send_body)
             elif raw_path == "/api/agent-harnesses":  # asked once per process for the user agent: none known
                 data = json.dumps({"standardEnvVars": [], "harnesses": {}}).encode()
-                self._send(200, data, send_body, {"Content-Type": "application/json"},
-                           HubRequest(self.command, self.path, 200))
+                self._send(
+                    200,
+                    data,
+                    send_body,
+                    {"Content-Type": "application/json"},
+                    HubRequest(self.command, self.path, 200),
+                )
             elif raw_path.startswith("/api/models/"):
-                self._api(raw_path[len("/api/models/"):], send_body)
+                self._api(raw_path[len("/api/models/") :], send_body)
             elif "/resolve/" in raw_path:
                 self._resolve(raw_path, send_body)
             else:
@@ -248,18 +283,36 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return
             commit = _commit_of(repo_id)
             if local is None:
-                self._error(404, "EntryNotFound", "Entry not found", send_body, repo_id, filename,
-                            {"X-Repo-Commit": commit})
+                self._error(
+                    404,
+                    "EntryNotFound",
+                    "Entry not found",
+                    send_body,
+                    repo_id,
+                    filename,
+                    {"X-Repo-Commit": commit},
+                )
                 return
             etag = _etag_of(local)
             if filename.endswith(LFS_SUFFIXES):
                 location = f"{hub.cdn_url}/_lfs/{hub._lfs_token(repo_id, filename)}"
-                self._send(302, b"", send_body, {
-                    "Location": location, "X-Repo-Commit": commit, "X-Linked-Etag": f'"{etag}"',
-                    "X-Linked-Size": str(local.stat().st_size), "ETag": f'"{etag[:40]}"',
-                }, HubRequest(self.command, self.path, 302, repo_id, filename))
+                self._send(
+                    302,
+                    b"",
+                    send_body,
+                    {
+                        "Location": location,
+                        "X-Repo-Commit": commit,
+                        "X-Linked-Etag": f'"{etag}"',
+                        "X-Linked-Size": str(local.stat().st_size),
+                        "ETag": f'"{etag[:40]}"',
+                    },
+                    HubRequest(self.command, self.path, 302, repo_id, filename),
+                )
                 return
-            self._send_file(local, send_body, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'}, repo_id, filename)
+            self._send_file(
+                local, send_body, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'}, repo_id, filename
+            )
 
         def _lfs(self, token: str, send_body: bool) -> None:
             with hub._lock:
@@ -280,11 +333,19 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 files = dict(hub.files[repo_id])
             commit = _commit_of(repo_id)
             if rest == "" or rest.startswith("revision/"):
-                body = {"_id": commit[:24], "id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
-                        "disabled": False, "gated": False, "tags": [],
-                        "siblings": [{"rfilename": name} for name in sorted(files)]}
+                body = {
+                    "_id": commit[:24],
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": commit,
+                    "private": False,
+                    "disabled": False,
+                    "gated": False,
+                    "tags": [],
+                    "siblings": [{"rfilename": name} for name in sorted(files)],
+                }
             elif rest.startswith("tree/"):
-                _, _, prefix = rest[len("tree/"):].partition("/")
+                _, _, prefix = rest[len("tree/") :].partition("/")
                 body = []
                 for name in sorted(files):
                     if prefix and not name.startswith(prefix.rstrip("/") + "/"):
@@ -298,8 +359,13 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._error(404, None, "Not found", send_body)
                 return
             data = json.dumps(body).encode()
-            self._send(200, data, send_body, {"Content-Type": "application/json", "X-Repo-Commit": commit},
-                       HubRequest(self.command, self.path, 200))
+            self._send(
+                200,
+                data,
+                send_body,
+                {"Content-Type": "application/json", "X-Repo-Commit": commit},
+                HubRequest(self.command, self.path, 200),
+            )
 
         # -- responses --------------------------------------------------------------------------------------
         def _error(self, status, code, message, send_body, repo_id=None, filename=None, headers=None) -> None:
@@ -307,7 +373,13 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if code:
                 headers["X-Error-Code"] = code
             data = json.dumps({"error": message}).encode()
-            self._send(status, data, send_body, headers, HubRequest(self.command, self.path, status, repo_id, filename))
+            self._send(
+                status,
+                data,
+                send_body,
+                headers,
+                HubRequest(self.command, self.path, status, repo_id, filename),
+            )
 
         def _send(self, status: int, data: bytes, send_body: bool, headers: dict, logged: HubRequest) -> None:
             hub._log(logged)
@@ -319,7 +391,9 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if send_body and data:
                 self.wfile.write(data)
 
-        def _send_file(self, local: Path, send_body: bool, headers: dict, repo_id: str, filename: str) -> None:
+        def _send_file(
+            self, local: Path, send_body: bool, headers: dict, repo_id: str, filename: str
+        ) -> None:
             hub._log(HubRequest(self.command, self.path, 200, repo_id, filename))
             self.send_response(200)
             for key, value in headers.items():
@@ -339,25 +413,38 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
 
 def point_hub_clients_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path) -> None:
-    """Make ``huggingface_hub`` (this process and subprocesses) use ``endpoint`` online, caching under ``home``."""
+    """Make ``huggingface_hub`` (this process and subprocesses) use ``endpoint`` online, caching under
+    ``home``."""
     import huggingface_hub
     from huggingface_hub import constants, hf_api
 
     cache = home / "hub"
     no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
-    env = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(home), "HF_HUB_CACHE": str(cache),
-           "HF_XET_CACHE": str(home / "xet"), "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": no_proxy,
-           "no_proxy": no_proxy}
+    env = {
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(cache),
+        "HF_XET_CACHE": str(home / "xet"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "NO_PROXY": no_proxy,
+        "no_proxy": no_proxy,
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     # huggingface_hub read these when it was imported; the functions read the module attributes at call time
-    for name, value in {"ENDPOINT": endpoint,
-                        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-                        "HF_HUB_OFFLINE": False, "HF_HOME": str(home), "HF_HUB_CACHE": str(cache),
-                        "HF_XET_CACHE": str(home / "xet"), "HF_TOKEN_PATH": str(home / "token"),
-                        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
-                        "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json")}.items():
+    for name, value in {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HUB_OFFLINE": False,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(cache),
+        "HF_XET_CACHE": str(home / "xet"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json"),
+    }.items():
         monkeypatch.setattr(constants, name, value)
     # the module-level HfApi (model_info, list_repo_tree ...) kept the endpoint of import time
     monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
@@ -367,7 +454,8 @@ def point_hub_clients_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: P
 
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
-    """A running :class:`FakeHub` that ``huggingface_hub`` downloads from, with an empty cache; stopped after."""
+    """A running :class:`FakeHub` that ``huggingface_hub`` downloads from, with an empty cache; stopped
+    after."""
     import huggingface_hub
 
     hub = FakeHub(tmp_path / "fake-hub-files").start()
@@ -379,7 +467,8 @@ def fake_hub(tmp_path, monkeypatch):
         huggingface_hub.close_session()
 
 
-# -- weights for load_vision_model specs ----------------------------------------------------------------------
+# -- weights for load_vision_model specs
+# ----------------------------------------------------------------------
 def _safetensors_name(filename: str, default_bin: str, default_safe: str) -> str:
     """The file timm / open_clip ask for first: the safetensors alternative of a ``.bin`` name."""
     if filename.endswith(".safetensors"):
@@ -408,8 +497,9 @@ def hub_weights_location(spec: str, model=None) -> tuple[str, str]:
         if not cfg.get("hf_hub_id"):
             raise ValueError(f"{spec}: timm takes these weights from {cfg.get('url')!r}, not the hub")
         repo_id = cfg["hf_hub_id"].partition("@")[0]
-        filename = _safetensors_name(cfg.get("hf_hub_filename") or "pytorch_model.bin",
-                                     "pytorch_model.bin", "model.safetensors")
+        filename = _safetensors_name(
+            cfg.get("hf_hub_filename") or "pytorch_model.bin", "pytorch_model.bin", "model.safetensors"
+        )
         return repo_id, filename
     import open_clip
 
@@ -420,8 +510,11 @@ def hub_weights_location(spec: str, model=None) -> tuple[str, str]:
     if not entry:
         raise ValueError(f"{spec}: open_clip takes these weights from a URL, not the hub")
     repo_id, filename = os.path.split(entry)
-    filename = _safetensors_name(filename or "open_clip_pytorch_model.bin", "open_clip_pytorch_model.bin",
-                                 "open_clip_model.safetensors")
+    filename = _safetensors_name(
+        filename or "open_clip_pytorch_model.bin",
+        "open_clip_pytorch_model.bin",
+        "open_clip_model.safetensors",
+    )
     return repo_id, filename
 
 

@@ -1,4 +1,5 @@
-"""The package itself: ``import sae_vision_ext`` is instant and still registers everything with SAELens, whatever
+"""The package itself: ``import sae_vision_ext`` is instant and still registers everything with SAELens,
+whatever
 is imported first; the public API a SAELens user expects is at the top level."""
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ REPORT = (
 
 
 def run_python(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -33,8 +39,10 @@ def test_import_is_light_and_imports_neither_torch_nor_sae_lens():
     "first_import",
     [
         "import sae_vision_ext; import sae_lens",  # the documented order
-        pytest.param("import sae_lens; import sae_vision_ext", marks=pytest.mark.slow),  # SAELens already loaded
-        "from sae_vision_ext.saes.matryoshka_topk import MatryoshkaTopKSAE",  # a method module imports SAELens
+        # SAELens already loaded
+        pytest.param("import sae_lens; import sae_vision_ext", marks=pytest.mark.slow),
+        # a method module imports SAELens
+        "from sae_vision_ext.saes.matryoshka_topk import MatryoshkaTopKSAE",
         pytest.param("from sae_vision_ext.saes.archetypal import RASAE", marks=pytest.mark.slow),
         "from sae_vision_ext.loading.overcomplete import OvercompleteSAE",
         "import sae_vision_ext.training.runner",  # a module of another layer imports SAELens

@@ -8,52 +8,54 @@ indented by 4+ spaces after a blank line) or a stray ``readme-test`` comment fai
 Directives. The scaling of a block lives next to it, in HTML comments on the lines right above its fence
 (invisible when rendered)::
 
-    <!-- readme-test: replace "--rows 2000000" "--rows 256"; weights timm:vit_small_patch14_reg4_dinov2.lvd142m -->
+    <!-- readme-test: replace "--rows 2000000" "--rows 256"; weights
+    timm:vit_small_patch14_reg4_dinov2.lvd142m -->
 
 One comment holds ``;``-separated directives (several comment lines may be stacked); arguments are words or
 quoted strings, read with shell quoting (``'...'`` literally, ``"..."`` with ``\\"`` for a quote):
 
-- ``replace OLD NEW``: run the block with every occurrence of OLD replaced by NEW. OLD must occur in the block,
-  so a README edit that breaks the mapping fails loudly. Used to shrink rows, images, resolutions, batch sizes,
-  process counts, and to swap a model too big to build here in seconds for a small one of the same family.
+- ``replace OLD NEW``: run the block with every occurrence of OLD replaced by NEW. OLD must occur in the
+  block, so a README edit that breaks the mapping fails loudly. Used to shrink rows, images, resolutions,
+  batch sizes, process counts, and to swap a model too big to build here in seconds for a small one of the
+  same family.
 - ``setup CODE``: code run before the block, in the block's language and process (names a Python block uses
   without defining them, input files such as ``run.yaml``). Helpers for longer setups are in
   ``tests/readme_setup.py`` (on ``PYTHONPATH``).
 - ``after CODE``: checks run after the block, in its language and process (e.g. an ``assert``).
 - ``env NAME=VALUE``: an environment variable for the block.
 - ``weights SPEC``: before the block runs, the fake Hub (``tests/fake_hub.py``) serves random weights for the
-  ``load_vision_model`` spec SPEC where timm / open_clip download them, so the README's commands run exactly as
-  written, with the weights "downloaded" from the Hub.
+  ``load_vision_model`` spec SPEC where timm / open_clip download them, so the README's commands run exactly
+  as written, with the weights "downloaded" from the Hub.
 - ``release NAME SAE_ID``: the fake Hub serves a synthetic checkpoint in the published authors' layout at the
   path of that named release (what ``SAE.from_pretrained``, ``load_pretrained`` and ``convert`` download).
 - ``language-model NAME``: the fake Hub serves a random model with the real config of TransformerLens's NAME
   (``tiny-stories-1M``) and a byte-level tokenizer, for the block that runs SAELens's own command line.
-- ``continues``: a Python block that uses the names of the previous block (``model``, ``sae``, ...) runs in the
-  same Python process, right after it.
+- ``continues``: a Python block that uses the names of the previous block (``model``, ``sae``, ...) runs in
+  the same Python process, right after it.
 - ``slow``: the block runs only in the slow test (below).
 
 How blocks run. Every block runs in README order in one working directory (so ``sae-vision cache``, then
 ``train --cache``, then ``eval`` see each other's outputs), which holds image folders (``photos/``,
 ``val_photos/``, ``imgs/``, and ``~/data/val`` under a temporary ``HOME``) of the scikit-image sample photos,
 and links to the repository's ``examples/``, ``Makefile``, ``pyproject.toml`` and ``constraints.txt`` (a user
-runs the README from a checkout). A ``bash`` block runs with ``bash -euxo pipefail`` and ``.venv/bin`` first on
-``PATH``; a ``python`` block (with its ``continues`` successors) runs in one ``python`` subprocess, each block
-compiled with its README line numbers, so a traceback names the README line. Every block must exit with status 0;
-a failure prints the block as run and the tail of its output, and the remaining blocks still run (a block that
-needed the failed one's output then fails too).
+runs the README from a checkout). A ``bash`` block runs with ``bash -euxo pipefail`` and ``.venv/bin`` first
+on ``PATH``; a ``python`` block (with its ``continues`` successors) runs in one ``python`` subprocess, each
+block compiled with its README line numbers, so a traceback names the README line. Every block must exit with
+status 0; a failure prints the block as run and the tail of its output, and the remaining blocks still run (a
+block that needed the failed one's output then fails too).
 
 The Hub stands in for everything a block downloads or uploads: the ``fake_hub`` fixture points
-``huggingface_hub`` (and, through the environment, every subprocess) at a local server, which also accepts uploads
-(``push_to_hub``). Nothing is fetched from the network, yet every command takes its default path: pretrained
-weights "downloaded", published SAEs loaded by release name.
+``huggingface_hub`` (and, through the environment, every subprocess) at a local server, which also accepts
+uploads (``push_to_hub``). Nothing is fetched from the network, yet every command takes its default path:
+pretrained weights "downloaded", published SAEs loaded by release name.
 
 Default and slow. ``test_readme_runs`` (default suite, ~4 min on a 2-core machine) runs every block not marked
 ``slow``: the install commands (``make -n``), the quickstart, training from Python and from the command line
-(cache, train, eval), hooked models, the Matryoshka and RA-SAE APIs, loading a published SAE, splicing / steering /
-naming concepts and the evaluation API. ``test_readme_runs_in_full`` (``-m slow``, ~11 min) runs every block,
-``slow`` ones included (the rest: weight records, example scripts, SAELens's own CLI, candidates, convert,
-publish, dashboard, report, distributed training and caching). A default block must not depend on a ``slow``
-block's output.
+(cache, train, eval), hooked models, the Matryoshka and RA-SAE APIs, loading a published SAE, splicing /
+steering / naming concepts and the evaluation API. ``test_readme_runs_in_full`` (``-m slow``, ~11 min) runs
+every block, ``slow`` ones included (the rest: weight records, example scripts, SAELens's own CLI, candidates,
+convert, publish, dashboard, report, distributed training and caching). A default block must not depend on a
+``slow`` block's output.
 """
 
 from __future__ import annotations
@@ -96,8 +98,17 @@ class Directives:
     slow: bool = False
 
 
-ARITY = {"replace": 2, "setup": 1, "after": 1, "env": 1, "weights": 1, "release": 2, "language-model": 1,
-         "continues": 0, "slow": 0}
+ARITY = {
+    "replace": 2,
+    "setup": 1,
+    "after": 1,
+    "env": 1,
+    "weights": 1,
+    "release": 2,
+    "language-model": 1,
+    "continues": 0,
+    "slow": 0,
+}
 
 
 def parse_directives(comments: list[str]) -> Directives:
@@ -109,7 +120,7 @@ def parse_directives(comments: list[str]) -> Directives:
         words = list(lexer) + [";"]
         while words:
             end = words.index(";")
-            name, args, words = words[0] if end else "", words[1:end], words[end + 1:]
+            name, args, words = words[0] if end else "", words[1:end], words[end + 1 :]
             if not name:
                 continue
             if ARITY.get(name) != len(args):
@@ -171,7 +182,9 @@ def read_readme(text: str) -> tuple[list[Block], list[str]]:
             i += 1
             continue
         if "readme-test" in line:
-            problems.append(f"README.md:{number}: a readme-test comment must be one line '<!-- readme-test: ... -->'")
+            problems.append(
+                f"README.md:{number}: a readme-test comment must be one line '<!-- readme-test: ... -->'"
+            )
         if fence:
             marker, language = fence.group(1), fence.group(2).strip()
             end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == marker), None)
@@ -179,15 +192,19 @@ def read_readme(text: str) -> tuple[list[Block], list[str]]:
                 problems.append(f"README.md:{number}: fence never closed")
                 break
             if language not in RUN + SHOWN:
-                problems.append(f"README.md:{number}: fence labelled {language!r}; label it bash, python or text")
+                problems.append(
+                    f"README.md:{number}: fence labelled {language!r}; label it bash, python or text"
+                )
             try:
                 directives = parse_directives([c for _, c in comments])
             except ValueError as error:
                 problems.append(f"README.md:{comments[0][0]}: {error}")
                 directives = Directives()
             if comments and language not in RUN:
-                problems.append(f"README.md:{comments[0][0]}: readme-test directives above a {language!r} block")
-            block = Block(number, section, language, "\n".join(lines[i + 1:end]) + "\n", directives)
+                problems.append(
+                    f"README.md:{comments[0][0]}: readme-test directives above a {language!r} block"
+                )
+            block = Block(number, section, language, "\n".join(lines[i + 1 : end]) + "\n", directives)
             for old, _ in directives.replace:
                 if old not in block.text:
                     problems.append(f"{block.where}: replace {old!r}: the block does not contain it")
@@ -208,7 +225,9 @@ def read_readme(text: str) -> tuple[list[Block], list[str]]:
             if block.language != "python" or previous is None or previous.language != "python":
                 problems.append(f"{block.where}: 'continues' needs a python block right after a python block")
             elif previous.directives.slow != block.directives.slow:
-                problems.append(f"{block.where}: 'continues' joins blocks that are not both slow or both fast")
+                problems.append(
+                    f"{block.where}: 'continues' joins blocks that are not both slow or both fast"
+                )
         previous = block
     return blocks, problems
 
@@ -226,12 +245,19 @@ def test_the_readme_rules_catch_escaping_blocks():
     text += "<!-- readme-test: slow -->\n\nText\n"
     _, problems = read_readme(text)
     assert len(problems) == 5, problems
-    for expected in ("labelled ''", "labelled 'sh'", "indented code block", "does not contain it", "not right above"):
+    for expected in (
+        "labelled ''",
+        "labelled 'sh'",
+        "indented code block",
+        "does not contain it",
+        "not right above",
+    ):
         assert any(expected in p for p in problems), (expected, problems)
 
 
 def test_the_fake_hub_takes_uploads(fake_hub, tmp_path, monkeypatch):
-    """The README's ``push_to_hub`` block uploads to the fake Hub: repo creation, files and folders, read back."""
+    """The README's ``push_to_hub`` block uploads to the fake Hub: repo creation, files and folders, read
+    back."""
     from huggingface_hub import HfApi, hf_hub_download
 
     monkeypatch.setenv("HF_TOKEN", "hf_test")
@@ -290,8 +316,13 @@ def serve_msae_release(hub, release: str, sae_id: str) -> None:
     g = torch.Generator().manual_seed(0)
     decoder = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
     checkpoint = {
-        "model": {"pre_bias": torch.zeros(d), "encoder": decoder.T.contiguous(), "latent_bias": torch.zeros(n),
-                  "decoder": decoder, "stats_last_nonzero": torch.zeros(n, dtype=torch.long)},
+        "model": {
+            "pre_bias": torch.zeros(d),
+            "encoder": decoder.T.contiguous(),
+            "latent_bias": torch.zeros(n),
+            "decoder": decoder,
+            "stats_last_nonzero": torch.zeros(n, dtype=torch.long),
+        },
         "mean_center": torch.randn(d, generator=g) * 0.1 if sae_id == "centered" else torch.zeros(d),
         "scaling_factor": 1.0,
         "target_norm": np.float64(d**0.5),
@@ -304,10 +335,21 @@ def serve_msae_release(hub, release: str, sae_id: str) -> None:
 
 # TransformerLens model names a README block may use -> (Hub repo, transformers config of a random stand-in)
 LANGUAGE_MODELS = {
-    "tiny-stories-1M": ("roneneldan/TinyStories-1M", dict(
-        model_type="gpt_neo", vocab_size=50257, max_position_embeddings=2048, hidden_size=64, num_layers=8,
-        num_heads=16, attention_types=[[["global", "local"], 4]], window_size=256, bos_token_id=50256,
-        eos_token_id=50256)),
+    "tiny-stories-1M": (
+        "roneneldan/TinyStories-1M",
+        dict(
+            model_type="gpt_neo",
+            vocab_size=50257,
+            max_position_embeddings=2048,
+            hidden_size=64,
+            num_layers=8,
+            num_heads=16,
+            attention_types=[[["global", "local"], 4]],
+            window_size=256,
+            bos_token_id=50256,
+            eos_token_id=50256,
+        ),
+    ),
 }
 
 
@@ -330,8 +372,9 @@ def serve_language_model(hub, name: str) -> None:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(["<|endoftext|>"])
     special = "<|endoftext|>"
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special,
-                            unk_token=special).save_pretrained(folder)  # fmt: skip
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=special, eos_token=special, unk_token=special
+    ).save_pretrained(folder)
     for path in folder.iterdir():
         hub.serve(repo_id, path.name, path)
 
@@ -362,14 +405,19 @@ class ReadmeRunner:
         self.hub, self.work = hub, work
         self.served: set = set()
         self.env = dict(os.environ)
-        self.env.pop("TRANSFORMERS_OFFLINE", None)  # online, like a user: the fake Hub answers (HF_HUB_OFFLINE=0)
-        self.env.update({
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "HOME": str(home),
-            "PYTHONPATH": str(Path(__file__).parent),  # readme_setup, for the setup snippets
-            "MPLCONFIGDIR": matplotlib.get_configdir(),  # the real one: no font cache rebuilt under the new HOME
-            "PYTHONUNBUFFERED": "1",
-        })
+        self.env.pop(
+            "TRANSFORMERS_OFFLINE", None
+        )  # online, like a user: the fake Hub answers (HF_HUB_OFFLINE=0)
+        self.env.update(
+            {
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                "HOME": str(home),
+                "PYTHONPATH": str(Path(__file__).parent),  # readme_setup, for the setup snippets
+                # the real one: no font cache rebuilt under the new HOME
+                "MPLCONFIGDIR": matplotlib.get_configdir(),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
 
     def serve(self, block: Block) -> None:
         for spec in block.directives.weights:
@@ -401,7 +449,9 @@ class ReadmeRunner:
             parts = []
             for block in unit:
                 for i, code in enumerate(block.directives.setup):
-                    parts.append([f"setup of {block.where}", f"<readme-test setup {i} of {block.where}>", code])
+                    parts.append(
+                        [f"setup of {block.where}", f"<readme-test setup {i} of {block.where}>", code]
+                    )
                 parts.append([block.where, "README.md", "\n" * block.line + block.code()])
                 for i, code in enumerate(block.directives.after):
                     parts.append([f"after {block.where}", f"<readme-test after {i} of {block.where}>", code])
@@ -410,8 +460,15 @@ class ReadmeRunner:
             command = [sys.executable, "-c", PYTHON_DRIVER, str(program)]
             shown = "\n\n".join(f"# {where}\n{code.lstrip(chr(10))}" for where, _, code in parts)
         # a session of its own: on a timeout the whole process group goes (torchrun's workers, sae-vision ...)
-        process = subprocess.Popen(command, cwd=self.work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=self.work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
             output, _ = process.communicate(timeout=BLOCK_TIMEOUT_S)
             ok, status = process.returncode == 0, f"exit status {process.returncode}"
@@ -420,9 +477,13 @@ class ReadmeRunner:
             output, _ = process.communicate()
             ok, status = False, f"timed out after {BLOCK_TIMEOUT_S} s"
         seconds = time.perf_counter() - start
-        report = "" if ok else (
-            f"=== {unit[0].where}: {status}\n--- as run (cwd {self.work}):\n{shown}\n--- output (tail):\n"
-            f"{output[-6000:]}"
+        report = (
+            ""
+            if ok
+            else (
+                f"=== {unit[0].where}: {status}\n--- as run (cwd {self.work}):\n{shown}\n--- output (tail):\n"
+                f"{output[-6000:]}"
+            )
         )
         return Outcome(unit, seconds, ok, report)
 
@@ -436,8 +497,11 @@ class ReadmeRunner:
         outcomes = []
         for unit in units:
             outcome = self.run_unit(unit)
-            print(f"{outcome.seconds:7.1f} s  {'ok  ' if outcome.ok else 'FAIL'}  "
-                  f"{', '.join(b.where for b in unit)}", flush=True)
+            print(
+                f"{outcome.seconds:7.1f} s  {'ok  ' if outcome.ok else 'FAIL'}  "
+                f"{', '.join(b.where for b in unit)}",
+                flush=True,
+            )
             outcomes.append(outcome)
         return outcomes
 

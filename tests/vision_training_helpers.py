@@ -1,4 +1,5 @@
-"""Shared small fixtures for the activation / cache / runner tests (issue 5): tiny real models, synthetic photos."""
+"""Shared small fixtures for the activation / cache / runner tests (issue 5): tiny real models, synthetic
+photos."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import functools
 import numpy as np
 
 TINY_MODEL = "timm:vit_tiny_patch16_224"  # d_model 192, 12 blocks; at 32 px: 1 CLS + 2x2 patches
-REG_MODEL = "timm:vit_small_patch14_reg4_dinov2.lvd142m"  # d_model 384; at 28 px: 1 CLS + 4 registers + 2x2 patches
+REG_MODEL = (
+    "timm:vit_small_patch14_reg4_dinov2.lvd142m"  # d_model 384; at 28 px: 1 CLS + 4 registers + 2x2 patches
+)
 
 
 def synthetic_images(n: int = 12, seed: int = 0):
@@ -31,7 +34,8 @@ def load_tiny(spec: str = TINY_MODEL, img_size: int = 32, seed: int = 0):
 
 @functools.lru_cache(maxsize=4)
 def shared_tiny(seed: int = 5, img_size: int = 32):
-    """One loaded tiny model per (seed, size) for the whole session: the weights random-init(seed) would build."""
+    """One loaded tiny model per (seed, size) for the whole session: the weights random-init(seed) would
+    build."""
     return load_tiny(TINY_MODEL, img_size=img_size, seed=seed)
 
 
