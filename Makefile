@@ -9,6 +9,7 @@ PIP := .venv/bin/pip
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PIP) install -c constraints.txt -e '.[dev]'
+	$(PIP) install -c constraints.txt --no-deps overcomplete  # see pyproject.toml's dev extra
 	touch $@
 
 demo: .venv/.installed

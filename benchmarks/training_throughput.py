@@ -74,7 +74,7 @@ def train_rate(provider, d_in: int, d_sae: int, k: int, batch: int, steps: int) 
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from sae_vision_ext.training.runner import _quiet_saelens_bars
+    from sae_vision_ext.training.distributed import trainer_progress_bar_off
 
     torch.manual_seed(0)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
@@ -82,7 +82,7 @@ def train_rate(provider, d_in: int, d_sae: int, k: int, batch: int, steps: int) 
     cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=1e-4, lr_end=1e-5)
     trainer = SAETrainer(cfg, sae, provider)
     started = time.perf_counter()
-    with _quiet_saelens_bars():
+    with trainer_progress_bar_off():
         trainer.fit()
     return steps * batch / (time.perf_counter() - started)
 

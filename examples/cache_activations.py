@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     from sae_lens.training.activations_store import ActivationsStore
 
     from sae_vision_ext.training.config import VisionSAERunnerConfig
-    from sae_vision_ext.training.runner import VisionSAETrainingRunner, cache_activations
+    from sae_vision_ext.training.caching import cache_activations
+    from sae_vision_ext.training.runner import VisionSAETrainingRunner
     from sae_vision_ext.vision.load import describe_weights
 
     if args.tiny:  # a tiny random model: runs anywhere in seconds

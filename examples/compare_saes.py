@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import json
 
-    from sae_vision_ext.evals.report import MAIN_COLUMNS, markdown_table, run_report
+    from sae_vision_ext.evals.report import run_report
+    from sae_vision_ext.evals.report_markdown import MAIN_COLUMNS, markdown_table
 
     path = run_report(cfg, command=" ".join([prog, *argv]), progress=not options.quiet)
     payload = json.loads((path.parent / "results.json").read_text())

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     n_images = 4 if args.tiny else args.n_images
     images = torch.stack([preprocess(image) for image in sample_images(n_images)])
     prompts = PROMPTS if args.concept in PROMPTS else [args.concept] + PROMPTS[1:]
-    classify = zero_shot_from_prompts(model, prompts)
+    classify = zero_shot_from_prompts(model, prompts)  # a head: embeddings -> logits over the prompts
 
     with torch.no_grad():
         baseline = model(images)
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     strengths = [float(s) for s in args.strengths.split(",")]
     for strength in strengths:
         with torch.no_grad(), steer(model, sae, latents=latent, mode=args.mode, value=strength * unit):
-            probs = classify(model(images)).mean(dim=0)
+            probs = classify(model(images)).softmax(dim=-1).mean(dim=0)
         print(f"{strength:>9.2f} | " + " | ".join(f"{float(p):>8.3f}" for p in probs))
     print(f"\ndone in {time.perf_counter() - started:.1f} s")
     return 0

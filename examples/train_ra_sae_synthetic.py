@@ -75,13 +75,14 @@ def main(argv=None) -> int:
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 
     import sae_vision_ext  # noqa: F401
+    from sae_vision_ext.activations.rows import rows_from_array
     from sae_vision_ext.evals.stability import match_dictionaries, stability
     from sae_vision_ext.saes.archetypal import (
         RASAETrainingSAE,
         RASAETrainingSAEConfig,
         init_decoder_from_candidates,
     )
-    from sae_vision_ext.training.candidates import compute_candidates, rows_from_array
+    from sae_vision_ext.training.candidates import compute_candidates
 
     t0 = time.perf_counter()
     from sae_vision_ext.evals.synthetic import sparse_dictionary_data

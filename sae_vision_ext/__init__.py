@@ -34,7 +34,7 @@ _LAZY = {
     "VisionSAERunnerConfig": "sae_vision_ext.training.config",
     "VisionSAETrainingRunner": "sae_vision_ext.training.runner",
     "TrainingResult": "sae_vision_ext.training.runner",
-    "cache_activations": "sae_vision_ext.training.runner",
+    "cache_activations": "sae_vision_ext.training.caching",
     "load_vision_model": "sae_vision_ext.vision.load",
     "load_vision_model_or_random": "sae_vision_ext.vision.load",
     "load_model_for_sae": "sae_vision_ext.vision.load",
@@ -45,7 +45,7 @@ _LAZY = {
 
 def register_architectures() -> list[str]:
     """Register the plugin's architectures and releases with SAELens now (idempotent); returns the names."""
-    from sae_vision_ext.loading.releases import register_releases
+    from sae_vision_ext.loading.registration import register_releases
     from sae_vision_ext.saes import register_architectures as register
 
     names = register()
@@ -55,10 +55,12 @@ def register_architectures() -> list[str]:
 
 # Modules that register their own classes when they finish importing (SAELens's own pattern).
 _SELF_REGISTERING = (
+    "sae_vision_ext._saelens_compat",
     "sae_vision_ext.saes",
     "sae_vision_ext.saes.matryoshka_topk",
     "sae_vision_ext.saes.archetypal",
     "sae_vision_ext.loading.overcomplete",
+    "sae_vision_ext.loading.registration",
 )
 
 

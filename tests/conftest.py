@@ -1,4 +1,5 @@
 import os
+import signal
 
 # Every hub call would retry for ~45 s on this offline machine; tests use local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,3 +25,13 @@ def hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """SAELens's own runner installs SIGINT / SIGTERM handlers and leaves them: undo that after each test."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        if signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)

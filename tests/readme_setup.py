@@ -50,7 +50,7 @@ def activation_cache(
 ) -> None:
     """What ``sae-vision cache`` writes, at tiny scale: ``n_images`` crop-flip views of ``dataset``."""
     from sae_vision_ext.training.config import VisionSAERunnerConfig
-    from sae_vision_ext.training.runner import cache_activations
+    from sae_vision_ext.training.caching import cache_activations
 
     cfg = VisionSAERunnerConfig(
         sae=None,

@@ -1,25 +1,26 @@
 """On-disk activation cache in SAELens's cached-activation format, written in shards and committed atomically.
 
-Format (what ``datasets.load_from_disk`` and SAELens's ``ActivationsStore(cached_activations_path=...)`` read):
-a ``save_to_disk``-style folder (``state.json``, ``dataset_info.json``, Arrow stream files) with one
-``Array2D(shape=(context_size, d_in))`` column per hook, named after the hook. For images, ``context_size`` is the
-number of selected tokens per image, so ``len(dataset) * context_size`` token rows are stored.
+Format (what ``datasets.load_from_disk`` and SAELens's ``ActivationsStore(cached_activations_path=...)``
+read): a ``save_to_disk``-style folder (``state.json``, ``dataset_info.json``, Arrow stream files) with one
+``Array2D(shape=(context_size, d_in))`` column per hook, named after the hook. For images, ``context_size`` is
+the number of selected tokens per image, so ``len(dataset) * context_size`` token rows are stored.
 
-Shuffling: shard ``i`` holds image positions ``[i M, (i + 1) M)`` (``M = images_per_shard``). Before it is written,
-its token rows are permuted jointly across hooks with a generator seeded by ``(seed, i)`` and packed back into
-rows of ``context_size``, so consecutive rows come from different images and a reader can stream each shard in
-order. Each shard is written to a temporary name, fsynced and renamed.
+Shuffling: shard ``i`` holds image positions ``[i M, (i + 1) M)`` (``M = images_per_shard``). Before it is
+written, its token rows are permuted jointly across hooks with a generator seeded by ``(seed, i)`` and packed
+back into rows of ``context_size``, so consecutive rows come from different images and a reader can stream
+each shard in order. Each shard is written to a temporary name, fsynced and renamed.
 
-Atomic commit: work happens in ``<path>.incomplete/``, whose ``cache_settings.json`` (written atomically before
-any shard, kept until the commit is complete) says what the shards were made with. Only when every shard is done
-are ``dataset_info.json``, ``state.json`` and the metadata file (``sae_vision_cache.json``: model, weights, hooks,
-token selection, image count, ...) written, and the folder renamed to ``<path>`` in one ``os.rename``; the
-bookkeeping files are removed after that. An interrupted cache therefore never looks complete, and running the
-same command again, whenever it was killed, reuses the shards that are done or finishes the commit.
+Atomic commit: work happens in ``<path>.incomplete/``, whose ``cache_settings.json`` (written atomically
+before any shard, kept until the commit is complete) says what the shards were made with. Only when every
+shard is done are ``dataset_info.json``, ``state.json`` and the metadata file (``sae_vision_cache.json``:
+model, weights, hooks, token selection, image count, ...) written, and the folder renamed to ``<path>`` in one
+``os.rename``; the bookkeeping files are removed after that. An interrupted cache therefore never looks
+complete, and running the same command again, whenever it was killed, reuses the shards that are done or
+finishes the commit.
 
-Overwrite safety: ``overwrite`` replaces only a folder that is one of our caches (``state.json`` and the metadata
-file, nothing else in it) or an interrupted one of ours; a file, or a folder holding anything else, is refused and
-left as it is. An empty folder is written into as if it were absent.
+Overwrite safety: ``overwrite`` replaces only a folder that is one of our caches (``state.json`` and the
+metadata file, nothing else in it) or an interrupted one of ours; a file, or a folder holding anything else,
+is refused and left as it is. An empty folder is written into as if it were absent.
 """
 
 from __future__ import annotations
@@ -30,22 +31,31 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
+from datasets import Array2D, DatasetInfo, Features
 
-CACHE_METADATA_FILENAME = "sae_vision_cache.json"
+# cache_metadata is the reader's; runner.py imports it from here
+from sae_vision_ext.activations.rows import (  # noqa: F401
+    CACHE_METADATA_FILENAME,
+    INCOMPLETE_SUFFIX,
+    CachedActivations,
+    cache_metadata,
+)
+
 CACHE_SETTINGS_FILENAME = "cache_settings.json"
-INCOMPLETE_SUFFIX = ".incomplete"
 FORMAT_VERSION = 1
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 _OUR_NAMES = "|".join(
     [r"data-\d{5}\.(arrow|json)"]
-    + [re.escape(n) for n in ("dataset_info.json", "state.json", CACHE_METADATA_FILENAME, CACHE_SETTINGS_FILENAME)]
+    + [
+        re.escape(n)
+        for n in ("dataset_info.json", "state.json", CACHE_METADATA_FILENAME, CACHE_SETTINGS_FILENAME)
+    ]
 )
 _OUR_FILE = re.compile(rf"({_OUR_NAMES})|\.({_OUR_NAMES})\.tmp-\d+")  # tmp: an interrupted atomic write
 
@@ -82,8 +92,6 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 def activation_features(hook_widths: dict[str, int], context_size: int, dtype: str = "float32"):
     """HF ``Features``: one ``Array2D((context_size, d_in))`` column per hook."""
-    from datasets import Array2D, Features
-
     if dtype not in _NUMPY_DTYPES:
         raise ValueError(f"cache dtype must be one of {list(_NUMPY_DTYPES)}, got {dtype!r}")
     return Features({hook: Array2D(shape=(context_size, d), dtype=dtype) for hook, d in hook_widths.items()})
@@ -91,8 +99,6 @@ def activation_features(hook_widths: dict[str, int], context_size: int, dtype: s
 
 def _array2d_column(values: np.ndarray, features, hook: str):
     """Arrow ``Array2D`` extension array from ``values [n, c, d]`` (zero copy of the numpy buffer)."""
-    import pyarrow as pa
-
     n, c, d = values.shape
     flat = pa.array(np.ascontiguousarray(values).reshape(-1))
     inner = pa.ListArray.from_arrays(pa.array(np.arange(0, n * c * d + 1, d, dtype=np.int32)), flat)
@@ -103,8 +109,6 @@ def _array2d_column(values: np.ndarray, features, hook: str):
 
 def write_arrow_shard(path: Path, columns: dict[str, np.ndarray], features) -> int:
     """Write ``{hook: [n, c, d]}`` as one Arrow stream file at ``path`` (temporary name, fsync, rename)."""
-    import pyarrow as pa
-
     path = Path(path)
     schema = features.arrow_schema
     arrays = [_array2d_column(columns[name], features, name) for name in schema.names]
@@ -119,8 +123,6 @@ def write_arrow_shard(path: Path, columns: dict[str, np.ndarray], features) -> i
 
 def commit_dataset_folder(folder: Path, data_files: list[str], features, fingerprint: str) -> None:
     """Write ``dataset_info.json`` and ``state.json`` so that ``datasets.load_from_disk(folder)`` works."""
-    from datasets import DatasetInfo
-
     info = DatasetInfo(features=features)
     with open(folder / "dataset_info.json", "wb") as f:
         info._dump_info(f, pretty_print=True)
@@ -138,128 +140,6 @@ def commit_dataset_folder(folder: Path, data_files: list[str], features, fingerp
             "_split": None,
         },
     )
-
-
-# ----------------------------------------------------------------------------------------------- reading
-
-
-@dataclass
-class CacheShard:
-    """One Arrow file: per hook a list of ``[rows, d]`` numpy views over the memory-mapped file."""
-
-    filename: str
-    blocks: dict[str, list[np.ndarray]]
-    n_rows: int
-
-    def rows(self, hook: str, start: int, stop: int) -> np.ndarray:
-        """Token rows ``[start, stop)`` of ``hook`` (a view when they lie in one block, else a copy)."""
-        pieces, offset = [], 0
-        for block in self.blocks[hook]:
-            lo, hi = max(start - offset, 0), min(stop - offset, block.shape[0])
-            if lo < hi:
-                pieces.append(block[lo:hi])
-            offset += block.shape[0]
-            if offset >= stop:
-                break
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-    def all_rows(self, hook: str) -> np.ndarray:
-        blocks = self.blocks[hook]
-        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-
-
-class CachedActivations:
-    """Read-only view of a committed activation cache (ours or one written by SAELens); needs no model.
-
-    ``metadata`` is our ``sae_vision_cache.json`` (empty for foreign caches); ``hook_widths`` maps each
-    ``Array2D`` column to its ``d_in``; ``context_size`` is the tokens per stored row.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        import datasets.features  # noqa: F401 - registers the Array2D Arrow extension type the shards use
-        import pyarrow as pa
-
-        self.path = Path(path)
-        if not (self.path / "state.json").exists():
-            incomplete = self.path.with_name(self.path.name + INCOMPLETE_SUFFIX)
-            hint = (
-                f" ({incomplete} exists: that cache was interrupted; run the cache command again to finish it)"
-                if incomplete.exists()
-                else ""
-            )
-            raise FileNotFoundError(f"{self.path} is not a complete activation cache{hint}")
-        state = json.loads((self.path / "state.json").read_text())
-        meta_path = self.path / CACHE_METADATA_FILENAME
-        self.metadata: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        self.shards: list[CacheShard] = []
-        self.hook_widths: dict[str, int] = {}
-        self.context_size: int | None = None
-        self.dtype: str | None = None
-        for entry in state["_data_files"]:
-            shard = self.path / entry["filename"]
-            try:
-                table = pa.ipc.open_stream(pa.memory_map(str(shard), "r")).read_all()
-            except (pa.ArrowInvalid, OSError) as err:
-                raise ValueError(f"cache shard {shard} is damaged or missing ({type(err).__name__}: "
-                                 f"{str(err).splitlines()[0][:160]}); restore it, or write the cache again "
-                                 "(the same `sae-vision cache` command with --overwrite)") from err  # fmt: skip
-            blocks: dict[str, list[np.ndarray]] = {}
-            for name in table.column_names:
-                column = table.column(name)
-                shape = getattr(column.type, "shape", None)
-                if shape is None or len(shape) != 2:
-                    continue  # e.g. SAELens's token_ids column
-                context, width = shape
-                self.hook_widths.setdefault(name, int(width))
-                self.context_size = int(context)
-                self.dtype = str(column.type.value_type)
-                blocks[name] = [
-                    _flat_values(chunk).reshape(-1, width) for chunk in column.chunks if len(chunk) > 0
-                ]
-            n_rows = table.num_rows * (self.context_size or 0)
-            self.shards.append(CacheShard(entry["filename"], blocks, n_rows))
-        if not self.hook_widths:
-            raise ValueError(f"{self.path} has no Array2D activation column")
-
-    @property
-    def hook_names(self) -> list[str]:
-        return list(self.hook_widths)
-
-    @property
-    def n_rows(self) -> int:
-        """Token rows in the cache (``len(dataset) * context_size``)."""
-        return sum(s.n_rows for s in self.shards)
-
-    @property
-    def shuffled(self) -> bool:
-        """True when the writer permuted token rows within each shard (our caches)."""
-        return bool(self.metadata.get("shuffled_within_shards", False))
-
-    def iter_rows(self, hook: str, block_rows: int = 65536) -> Iterator[np.ndarray]:
-        """Every token row of ``hook`` in stored order, in blocks."""
-        for shard in self.shards:
-            for start in range(0, shard.n_rows, block_rows):
-                yield shard.rows(hook, start, min(start + block_rows, shard.n_rows))
-
-    def __repr__(self) -> str:
-        return (
-            f"CachedActivations({str(self.path)!r}, hooks={self.hook_widths}, rows={self.n_rows}, "
-            f"context_size={self.context_size}, shards={len(self.shards)})"
-        )
-
-
-def _flat_values(chunk) -> np.ndarray:
-    storage = chunk.storage if hasattr(chunk, "storage") else chunk
-    # offsets of a sliced list array may not start at 0: flatten() honours the slice
-    return storage.flatten().flatten().to_numpy(zero_copy_only=True)
-
-
-def cache_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of a committed cache (``{}`` for a cache written by another tool)."""
-    meta = Path(path) / CACHE_METADATA_FILENAME
-    if not (Path(path) / "state.json").exists():
-        raise FileNotFoundError(f"{path} is not a complete activation cache")
-    return json.loads(meta.read_text()) if meta.exists() else {}
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -323,8 +203,9 @@ class ActivationCacheWriter:
     def prepare(self) -> list[int]:
         """Check the destination, create or reuse the work folder; returns the shard indices still to write.
 
-        A work folder is resumed in any state an interruption leaves: settings written but no shard, some or all
-        shards, or the commit half done. One made with other settings is refused (replaced with ``overwrite``).
+        A work folder is resumed in any state an interruption leaves: settings written but no shard, some or
+        all shards, or the commit half done. One made with other settings is refused (replaced with
+        ``overwrite``).
         """
         if _exists(self.path):
             check_replaceable(self.path, self.overwrite)
@@ -375,17 +256,23 @@ class ActivationCacheWriter:
         return True
 
     def write_shard(self, index: int, rows: dict[str, torch.Tensor], context_size: int, extra: dict) -> None:
-        """Permute the shard's token rows (jointly across hooks), pack into ``context_size`` rows and write."""
+        """Permute the shard's token rows (jointly across hooks), pack in ``context_size`` rows, write."""
         hook_widths = {h: int(t.shape[1]) for h, t in rows.items()}
         features = activation_features(hook_widths, context_size, self.dtype)
         n = next(iter(rows.values())).shape[0]
         if n % context_size:
-            raise ValueError(f"shard {index}: {n} token rows is not a multiple of context_size {context_size}")
-        generator = torch.Generator().manual_seed(_mix_seed(self.seed, 31, index))
+            raise ValueError(
+                f"shard {index}: {n} token rows is not a multiple of context_size {context_size}"
+            )
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, 31, index))
         order = torch.randperm(n, generator=generator)
         np_dtype = _NUMPY_DTYPES[self.dtype]
         columns = {
-            h: t[order].to(torch.float32).numpy().astype(np_dtype, copy=False).reshape(-1, context_size, t.shape[1])
+            h: t[order]
+            .to(torch.float32)
+            .numpy()
+            .astype(np_dtype, copy=False)
+            .reshape(-1, context_size, t.shape[1])
             for h, t in rows.items()
         }
         record = {
@@ -401,8 +288,8 @@ class ActivationCacheWriter:
     def commit(self) -> CachedActivations:
         """All shards done: write the dataset files and metadata, then rename the work folder into place.
 
-        ``cache_settings.json`` and the shard records stay until the rename is done, so a commit interrupted at
-        any moment is finished by running the same command again. An empty result (no readable image) is an
+        ``cache_settings.json`` and the shard records stay until the rename is done, so a commit interrupted
+        at any moment is finished by running the same command again. An empty result (no readable image) is an
         error: the work folder is removed and nothing is committed.
         """
         if not self._finish_only:
@@ -480,7 +367,9 @@ def _exists(path: Path) -> bool:
 def _foreign_entries(folder: Path) -> list[str]:
     """Names in ``folder`` that the cache writer does not make (sorted)."""
     return sorted(
-        p.name for p in folder.iterdir() if p.is_symlink() or not (p.is_file() and _OUR_FILE.fullmatch(p.name))
+        p.name
+        for p in folder.iterdir()
+        if p.is_symlink() or not (p.is_file() and _OUR_FILE.fullmatch(p.name))
     )
 
 
@@ -573,7 +462,7 @@ def nothing_readable_error(dataset: Any, n_failed: int, n_dataset: int, errors: 
     )
 
 
-def _mix_seed(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across runs and platforms)."""
     digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -1,18 +1,18 @@
 """Activation caching in parallel over the ranks of a torchrun job, into one ordinary cache.
 
 The single-process writer (:class:`~sae_vision_ext.activations.cache.ActivationCacheWriter`) already cuts the
-work into shards: shard i holds image positions ``[i M, (i + 1) M)``, its content is a function of ``(seed, i)``
-and the model only, and it is written under its global name ``data-<i>.arrow`` (temporary name, fsync, rename)
-into ``<path>.incomplete/``. Parallel caching therefore needs no new file format, only a schedule:
+work into shards: shard i holds image positions ``[i M, (i + 1) M)``, its content is a function of ``(seed,
+i)`` and the model only, and it is written under its global name ``data-<i>.arrow`` (temporary name, fsync,
+rename) into ``<path>.incomplete/``. Parallel caching therefore needs no new file format, only a schedule:
 
 1. rank 0 runs ``prepare()`` (creates or validates the work folder, lists the shards still missing) and
    broadcasts that list, so every rank works from the same list;
 2. rank r writes shards ``todo[r], todo[r + W], ...``: disjoint, and together all of them;
 3. barrier; rank 0 runs ``commit()`` (dataset files, metadata, one atomic rename); barrier.
 
-The result is byte-for-byte the cache one process would have written (same shards, same names), readable by the
-single-process reader and by SAELens. An interrupted job is resumed by running it again (with any number of
-ranks): finished shards are kept. All ranks must see the same filesystem (one node, or a shared one).
+The result is byte-for-byte the cache one process would have written (same shards, same names), readable by
+the single-process reader and by SAELens. An interrupted job is resumed by running it again (with any number
+of ranks): finished shards are kept. All ranks must see the same filesystem (one node, or a shared one).
 """
 
 from __future__ import annotations
@@ -24,10 +24,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sae_vision_ext.activations.cache import ActivationCacheWriter, CachedActivations
+from sae_vision_ext.activations.cache import ActivationCacheWriter
 from sae_vision_ext.activations.process_group import DistributedContext, current_context
+from sae_vision_ext.activations.rows import CachedActivations
 
-__all__ = ["assign_shards", "claim_shards", "commit_distributed", "write_cache_distributed", "source_shard_writer", "cache_activations_distributed"]
+__all__ = [
+    "assign_shards",
+    "claim_shards",
+    "commit_distributed",
+    "write_cache_distributed",
+    "source_shard_writer",
+    "cache_activations_distributed",
+]
 
 
 def assign_shards(todo: list[int], rank: int, world_size: int) -> list[int]:
@@ -44,10 +52,11 @@ def _broadcast_object(value: Any, context: DistributedContext) -> Any:
 
 
 def claim_shards(writer: ActivationCacheWriter, context: DistributedContext | None = None) -> list[int]:
-    """This rank's share of the shards still missing: rank 0 runs ``writer.prepare()`` and broadcasts the list.
+    """This rank's share of the shards still missing: rank 0 runs ``writer.prepare()`` and broadcasts the
+    list.
 
-    Errors raised by ``prepare()`` on rank 0 (settings changed, cache exists) are raised on every rank. With one
-    process this is ``writer.prepare()``.
+    Errors raised by ``prepare()`` on rank 0 (settings changed, cache exists) are raised on every rank. With
+    one process this is ``writer.prepare()``.
     """
     context = context or current_context()
     outcome: tuple[str, Any]
@@ -64,8 +73,10 @@ def claim_shards(writer: ActivationCacheWriter, context: DistributedContext | No
     return assign_shards(outcome[1], context.rank, context.world_size)
 
 
-def commit_distributed(writer: ActivationCacheWriter, context: DistributedContext | None = None) -> CachedActivations:
-    """Barrier (every rank's shards are on disk), ``writer.commit()`` on rank 0, barrier; the cache on every rank."""
+def commit_distributed(
+    writer: ActivationCacheWriter, context: DistributedContext | None = None
+) -> CachedActivations:
+    """Barrier (every rank's shards on disk), ``writer.commit()`` on rank 0, barrier; the cache, on all."""
     context = context or current_context()
     context.barrier()
     if context.is_main:
@@ -81,8 +92,8 @@ def write_cache_distributed(
 ) -> CachedActivations:
     """Write the missing shards of ``writer``'s cache over all ranks, then commit once (rank 0).
 
-    ``write_shard(i)`` computes shard i and stores it with ``writer.write_shard``. Returns the committed cache on
-    every rank.
+    ``write_shard(i)`` computes shard i and stores it with ``writer.write_shard``. Returns the committed cache
+    on every rank.
     """
     for index in claim_shards(writer, context):
         write_shard(index)
@@ -106,8 +117,9 @@ def source_shard_writer(source: Any, writer: ActivationCacheWriter) -> Callable[
             n_ok += chunk.n_images_ok
             n_failed += chunk.n_images_failed
         rows = {hook: torch.cat(blocks) for hook, blocks in parts.items()}
-        writer.write_shard(index, rows, source.tokens_per_image,
-                           {"n_images_ok": n_ok, "n_images_failed": n_failed})
+        writer.write_shard(
+            index, rows, source.tokens_per_image, {"n_images_ok": n_ok, "n_images_failed": n_failed}
+        )
 
     return write_shard
 
@@ -124,7 +136,8 @@ def cache_activations_distributed(
     overwrite: bool = False,
     context: DistributedContext | None = None,
 ) -> CachedActivations:
-    """Cache ``n_images`` positions (default: one epoch) of ``source`` at ``path``, shards split over the ranks.
+    """Cache ``n_images`` positions (default: one epoch) of ``source`` at ``path``, shards split over the
+    ranks.
 
     ``settings`` must describe everything that determines the content (model, weights, hooks, selection,
     images, augmentation); they are checked when an interrupted cache is resumed.
@@ -137,6 +150,13 @@ def cache_activations_distributed(
         "n_images": n_images,
     }
     writer = ActivationCacheWriter(
-        path, n_images, images_per_shard, {**base_settings, **(settings or {})}, metadata, dtype, seed, overwrite
+        path,
+        n_images,
+        images_per_shard,
+        {**base_settings, **(settings or {})},
+        metadata,
+        dtype,
+        seed,
+        overwrite,
     )
     return write_cache_distributed(writer, source_shard_writer(source, writer), context)

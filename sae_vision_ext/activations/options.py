@@ -15,7 +15,9 @@ AUGMENTATIONS = ("none", "crop_flip")
 def resolve_hooks(hook_names: str | list[str] | tuple[str, ...] | None, token_selection: str) -> list[str]:
     """Hook names as a list; ``pooled`` / ``embed`` fill in (or check) their hook."""
     if token_selection not in ALL_SELECTIONS:
-        raise ValueError(f"token_selection must be one of {', '.join(ALL_SELECTIONS)}; got {token_selection!r}")
+        raise ValueError(
+            f"token_selection must be one of {', '.join(ALL_SELECTIONS)}; got {token_selection!r}"
+        )
     if hook_names is None or hook_names == [] or hook_names == "":
         if token_selection in POOLED_SELECTIONS:
             return [POOLED_SELECTIONS[token_selection]]

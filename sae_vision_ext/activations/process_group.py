@@ -1,6 +1,6 @@
 """The process group of a multi-process job: which rank this process is, and starting local jobs.
 
-Shared by the distributed activation cache (``activations.distributed_cache``), streaming readers and
+Shared by the distributed activation cache (``activations.distributed_cache``) and
 data-parallel training (``training.distributed``): torchrun's environment variables in, a
 :class:`DistributedContext` out; :func:`spawn_local` starts N local processes without torchrun.
 """

@@ -9,19 +9,27 @@ returned image differs.
 
 from __future__ import annotations
 
-COLOR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "motorcycle",
-                "immunohistochemistry", "retina")
+from PIL import Image, ImageOps
+
+COLOR_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "motorcycle",
+    "immunohistochemistry",
+    "retina",
+)
 GRAY_PHOTOS = ("camera", "moon", "coins", "grass", "gravel", "brick", "clock", "cell")
 
 
 def _skimage_photos():
     """``[(name, PIL RGB image)]`` from skimage.data, or None when scikit-image is missing."""
-    try:
+    try:  # optional: without scikit-image, matplotlib's one photo is the fallback
         import skimage.data as data
     except ImportError:
         return None
-    from PIL import Image
-
     photos = []
     for name in COLOR_PHOTOS + GRAY_PHOTOS:
         try:
@@ -33,12 +41,10 @@ def _skimage_photos():
 
 
 def _matplotlib_photos():
-    try:
+    try:  # optional: the fallback when scikit-image is missing
         from matplotlib import cbook
     except ImportError:
         return None
-    from PIL import Image
-
     try:
         path = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
         return [("grace_hopper", Image.open(path).convert("RGB"))]
@@ -47,8 +53,6 @@ def _matplotlib_photos():
 
 
 def _variants(name, image):
-    from PIL import ImageOps
-
     yield f"{name}_mirrored", ImageOps.mirror(image)
     for fraction in (0.8, 0.6):
         w, h = image.size
@@ -64,8 +68,10 @@ def sample_images(n: int | None = None) -> list:
     """
     photos = _skimage_photos() or _matplotlib_photos()
     if not photos:
-        raise ImportError("sample_images needs scikit-image (pip install scikit-image) for its bundled "
-                          "photos, or matplotlib's sample data as a one-photo fallback")
+        raise ImportError(
+            "sample_images needs scikit-image (pip install scikit-image) for its bundled "
+            "photos, or matplotlib's sample data as a one-photo fallback"
+        )
     if n is not None and n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     pool = list(photos)

@@ -1,9 +1,9 @@
 """Images -> the model's own preprocessing -> hooked capture -> token selection -> rows per hook.
 
-One forward pass (``run_with_cache`` with ``stop_at_layer`` = one past the deepest block hook) feeds every hook.
-Token selection keeps, per image, ``cls`` | ``registers`` | ``prefix`` | ``patches`` | ``all`` tokens of a token hook
-``[B, T, d]``; ``pooled`` / ``embed`` name the one-vector-per-image hooks ``hook_pooled`` / ``hook_image_embed``.
-Rows are ``[B * n_selected, d]``, image-major, identical in order for every hook.
+One forward pass (``run_with_cache`` with ``stop_at_layer`` = one past the deepest block hook) feeds every
+hook. Token selection keeps, per image, ``cls`` | ``registers`` | ``prefix`` | ``patches`` | ``all`` tokens of
+a token hook ``[B, T, d]``; ``pooled`` / ``embed`` name the one-vector-per-image hooks ``hook_pooled`` /
+``hook_image_embed``. Rows are ``[B * n_selected, d]``, image-major, identical in order for every hook.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ def forward_lock(model: Any) -> threading.Lock:
             lock = _FORWARD_LOCKS[model] = threading.Lock()
         return lock
 
+
 def stop_layer_for(hook_names: list[str]) -> int | None:
     """``stop_at_layer`` that still computes every hook: one past the deepest block, None for a full pass."""
     layers = []
@@ -66,7 +68,9 @@ def tokens_per_image(model: Any, hook_name: str, token_selection: str) -> int:
     if not is_token_hook(model, hook_name):
         return 1
     if token_selection in POOLED_SELECTIONS:
-        raise ValueError(f"{hook_name!r} is a token hook; token_selection {token_selection!r} needs a pooled hook")
+        raise ValueError(
+            f"{hook_name!r} is a token hook; token_selection {token_selection!r} needs a pooled hook"
+        )
     layout = model.token_layout
     return len(range(layout.n_tokens)[layout.token_slice(token_selection)])
 
@@ -76,8 +80,10 @@ def select_rows(model: Any, acts: torch.Tensor, hook_name: str, token_selection:
     if acts.dim() == 2:
         return acts
     if token_selection in POOLED_SELECTIONS:
-        raise ValueError(f"{hook_name!r} gives tokens {list(acts.shape)}; token_selection {token_selection!r} "
-                         "needs hook_pooled or hook_image_embed")
+        raise ValueError(
+            f"{hook_name!r} gives tokens {list(acts.shape)}; token_selection {token_selection!r} "
+            "needs hook_pooled or hook_image_embed"
+        )
     selected = model.token_layout.select(acts, token_selection)
     return selected.reshape(-1, selected.shape[-1])
 
@@ -126,7 +132,9 @@ class ImageActivationSource:
         self.hook_widths = {name: int(model.hook_width(name)) for name in self.hook_names}
         counts = {name: tokens_per_image(model, name, token_selection) for name in self.hook_names}
         if len(set(counts.values())) != 1:
-            raise ValueError(f"hooks give different numbers of rows per image under {token_selection!r}: {counts}")
+            raise ValueError(
+                f"hooks give different numbers of rows per image under {token_selection!r}: {counts}"
+            )
         self.tokens_per_image = next(iter(counts.values()))
         self.stop_at_layer = stop_layer_for(self.hook_names)
         self.model_batch_size = int(model_batch_size)
@@ -134,7 +142,12 @@ class ImageActivationSource:
         self.dtype = dtype
         self.autocast = autocast
         self.dataset = PositionedImages(
-            open_images(images), preprocess, seed=seed, augment=augment, crop_scale=crop_scale, shuffle=shuffle
+            open_images(images),
+            preprocess,
+            seed=seed,
+            augment=augment,
+            crop_scale=crop_scale,
+            shuffle=shuffle,
         )
         self.forward_seconds = 0.0
         self.n_failed = 0
@@ -149,8 +162,6 @@ class ImageActivationSource:
     @torch.no_grad()  # not inference_mode: the rows become training inputs, which autograd may save
     def activations(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows ``[B * n, d]`` per hook for a batch of preprocessed images (on the CPU, in ``self.dtype``)."""
-        import time
-
         started = time.perf_counter()
         model_device = next(self.model.parameters()).device
         model_dtype = next(self.model.parameters()).dtype
@@ -167,13 +178,21 @@ class ImageActivationSource:
         self.forward_seconds += time.perf_counter() - started
         return rows
 
-    def iter_chunks(self, start: int = 0, end: int | None = None, boundary: int | None = None) -> Iterator[Chunk]:
-        """Chunks for positions ``[start, end)`` (forever if ``end`` is None); none crosses a ``boundary`` multiple.
+    def iter_chunks(
+        self, start: int = 0, end: int | None = None, boundary: int | None = None
+    ) -> Iterator[Chunk]:
+        """Chunks for positions ``[start, end)`` (forever if ``end`` is None); none crosses a ``boundary``
+        multiple.
 
         The DataLoader (and its worker processes) is created here, in the calling thread; iterate anywhere.
         """
         batches = image_batches(
-            self.dataset, start, self.model_batch_size, end=end, boundary=boundary, num_workers=self.num_workers
+            self.dataset,
+            start,
+            self.model_batch_size,
+            end=end,
+            boundary=boundary,
+            num_workers=self.num_workers,
         )
         return self._chunks(batches)
 
@@ -181,7 +200,9 @@ class ImageActivationSource:
         for batch in batches:
             self._record_failures(batch)
             if batch.pixels is None:
-                rows = {name: torch.empty(0, width, dtype=self.dtype) for name, width in self.hook_widths.items()}
+                rows = {
+                    name: torch.empty(0, width, dtype=self.dtype) for name, width in self.hook_widths.items()
+                }
                 n_ok = 0
             else:
                 rows = self.activations(batch.pixels)

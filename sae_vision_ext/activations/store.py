@@ -1,17 +1,17 @@
-"""Data providers for ``SAETrainer``: iterators of ``(batch, d_in)`` tensors (or ``{hook: tensor}`` for several hooks)
-whose position can be saved and restored exactly.
+"""Data providers for ``SAETrainer``: iterators of ``(batch, d_in)`` tensors (or ``{hook: tensor}`` for
+several hooks) whose position can be saved and restored exactly.
 
-``ImageActivationStore`` streams from images. The chunk producer (DataLoader workers decode, a background thread
-runs the model) feeds SAELens's ``mixing_buffer``. The stream is cut into *segments* of ``M`` image positions; each
-segment gets a fresh mixing buffer whose permutations draw from a generator seeded by ``(seed, segment)`` (SAELens's
-buffer uses the global torch RNG, so its state is swapped in around each call and swapped out again), and the rows
-it flushes unmixed at the segment's end are permuted too. The position is therefore ``(segment, batches served in
-it)``: resuming re-runs at most one segment of forward passes and hands out exactly the batches an uninterrupted run
-would have.
+``ImageActivationStore`` streams from images. The chunk producer (DataLoader workers decode, a background
+thread runs the model) feeds SAELens's ``mixing_buffer``. The stream is cut into *segments* of ``M`` image
+positions; each segment gets a fresh mixing buffer whose permutations draw from a generator seeded by ``(seed,
+segment)`` (SAELens's buffer uses the global torch RNG, so its state is swapped in around each call and
+swapped out again), and the rows it flushes unmixed at the segment's end are permuted too. The position is
+therefore ``(segment, batches served in it)``: resuming re-runs at most one segment of forward passes and
+hands out exactly the batches an uninterrupted run would have.
 
-``CachedActivationStore`` streams an on-disk cache. Its position is the number of rows served: epoch ``e`` visits the
-shards in an order seeded by ``(seed, e)`` and, except for the first pass over a cache that was shuffled when written,
-permutes the rows inside each shard with a generator seeded by ``(seed, e, shard)``.
+``CachedActivationStore`` streams an on-disk cache. Its position is the number of rows served: epoch ``e``
+visits the shards in an order seeded by ``(seed, e)`` and, except for the first pass over a cache that was
+shuffled when written, permutes the rows inside each shard with a generator seeded by ``(seed, e, shard)``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from sae_lens.training.mixing_buffer import mixing_buffer
+from sae_lens.training.prefetch import PrefetchingIterator
 
-from sae_vision_ext.activations.cache import CachedActivations, _mix_seed
+from sae_vision_ext.activations.cache import mix_seed
+from sae_vision_ext.activations.rows import CachedActivations
 
 
 class TrainingInterrupted(Exception):
@@ -36,7 +39,9 @@ def _pack(rows: dict[str, torch.Tensor], hooks: list[str]) -> torch.Tensor:
     return rows[hooks[0]] if len(hooks) == 1 else torch.cat([rows[h] for h in hooks], dim=1)
 
 
-def _unpack(batch: torch.Tensor, hooks: list[str], widths: dict[str, int]) -> torch.Tensor | dict[str, torch.Tensor]:
+def _unpack(
+    batch: torch.Tensor, hooks: list[str], widths: dict[str, int]
+) -> torch.Tensor | dict[str, torch.Tensor]:
     if len(hooks) == 1:
         return batch
     out, offset = {}, 0
@@ -48,7 +53,7 @@ def _unpack(batch: torch.Tensor, hooks: list[str], widths: dict[str, int]) -> to
 
 @contextmanager
 def _swapped_global_rng(box: list[torch.Tensor]):
-    """Run the block on the CPU generator state in ``box[0]``; store its new state back, restore the global one."""
+    """Run the block on the CPU generator state ``box[0]``; store its new state back; restore the global."""
     saved = torch.random.get_rng_state()
     torch.random.set_rng_state(box[0])
     try:
@@ -62,8 +67,8 @@ class ImageActivationStore:
     """Shuffled activation batches streamed from images (see the module docstring for the position).
 
     ``source``: an :class:`~sae_vision_ext.activations.source.ImageActivationSource`. ``batch_size``: rows per
-    batch; ``buffer_rows`` / ``mix_fraction``: SAELens mixing-buffer size and kept fraction; ``prefetch``: chunks
-    the background producer may run ahead (0 runs the model in the consumer's thread).
+    batch; ``buffer_rows`` / ``mix_fraction``: SAELens mixing-buffer size and kept fraction; ``prefetch``:
+    chunks the background producer may run ahead (0 runs the model in the consumer's thread).
     """
 
     kind = "images"
@@ -96,20 +101,29 @@ class ImageActivationStore:
         position = dict(position or {})
         if position and position.get("kind", self.kind) != self.kind:
             raise ValueError(f"cannot resume an image stream from a {position.get('kind')} position")
-        if position and position.get("images_per_segment", self.images_per_segment) != self.images_per_segment:
-            raise ValueError("the checkpoint's images_per_segment differs from this run's; resume with the same config")
+        if (
+            position
+            and position.get("images_per_segment", self.images_per_segment) != self.images_per_segment
+        ):
+            raise ValueError(
+                "the checkpoint's images_per_segment differs from this run's; resume with the same config"
+            )
         segment = int(position.get("segment", 0))
         skip = int(position.get("batches_in_segment", 0))
         self.counters = {"images_ok": 0, "images_failed": 0, "rows_served": 0, "batches_served": 0}
         self.counters.update(position.get("counters_at_segment_start", {}))
         first_start = dict(self.counters)
-        self.counters["rows_served"] += skip * self.batch_size  # the skipped batches were served before the stop
+        self.counters["rows_served"] += (
+            skip * self.batch_size
+        )  # the skipped batches were served before the stop
         self.counters["batches_served"] += skip
-        self._position = {"segment": segment, "batches_in_segment": skip, "counters_at_segment_start": first_start}
+        self._position = {
+            "segment": segment,
+            "batches_in_segment": skip,
+            "counters_at_segment_start": first_start,
+        }
         chunks = source.iter_chunks(start=segment * self.images_per_segment, boundary=self.images_per_segment)
         if prefetch and prefetch > 0:
-            from sae_lens.training.prefetch import PrefetchingIterator
-
             chunks = PrefetchingIterator(chunks, prefetch=int(prefetch))
         self._chunks = chunks
         self._batches = self._generate(segment, skip, first_start)
@@ -131,8 +145,8 @@ class ImageActivationStore:
     def _segment_loader(self, segment: int, state: dict[str, bool]) -> Iterator[torch.Tensor]:
         """The segment's rows, fed in pieces of at least ``buffer_rows / 8`` rows.
 
-        SAELens's buffer concatenates its whole storage with every piece it is fed, so feeding it one small model
-        batch at a time would copy the buffer O(buffer / batch) times per refill.
+        SAELens's buffer concatenates its whole storage with every piece it is fed, so feeding it one small
+        model batch at a time would copy the buffer O(buffer / batch) times per refill.
         """
         end = (segment + 1) * self.images_per_segment
         feed_rows = max(self.batch_size, self.buffer_rows // 8)
@@ -154,10 +168,8 @@ class ImageActivationStore:
         state["exhausted"] = True
 
     def _segment_batches(self, segment: int) -> Iterator[torch.Tensor]:
-        from sae_lens.training.mixing_buffer import mixing_buffer
-
         state = {"exhausted": False}
-        rng = [torch.Generator().manual_seed(_mix_seed(self.seed, 41, segment)).get_state()]
+        rng = [torch.Generator().manual_seed(mix_seed(self.seed, 41, segment)).get_state()]
         mixed = mixing_buffer(
             buffer_size=self.buffer_rows,
             batch_size=self.batch_size,
@@ -176,7 +188,7 @@ class ImageActivationStore:
                 yield batch
         if tail:
             rows = torch.cat(tail)
-            generator = torch.Generator().manual_seed(_mix_seed(self.seed, 43, segment))
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, 43, segment))
             rows = rows[torch.randperm(rows.shape[0], generator=generator)]
             for start in range(0, rows.shape[0] - self.batch_size + 1, self.batch_size):
                 yield rows[start : start + self.batch_size]
@@ -198,7 +210,11 @@ class ImageActivationStore:
             skip = 0
             segment += 1
             at_start = dict(self.counters)
-            self._position = {"segment": segment, "batches_in_segment": 0, "counters_at_segment_start": at_start}
+            self._position = {
+                "segment": segment,
+                "batches_in_segment": 0,
+                "counters_at_segment_start": at_start,
+            }
 
     # ------------------------------------------------------------------ repetition
     def epochs_for(self, rows: int) -> float:
@@ -211,8 +227,10 @@ class ImageActivationStore:
         if rows <= n_images * per_image:
             return None
         augment = getattr(getattr(self.source, "dataset", None), "augment", "none")
-        head = (f"training on {rows:,} rows from {n_images:,} images x {per_image:,} rows per image: "
-                f"{self.epochs_for(rows):.1f} passes over the images")  # fmt: skip
+        head = (
+            f"training on {rows:,} rows from {n_images:,} images x {per_image:,} rows per image: "
+            f"{self.epochs_for(rows):.1f} passes over the images"
+        )
         if augment == "none":
             return f"{head}, the same views each pass (no augmentation)"
         return f"{head}, each pass new random views (augment={augment!r})"
@@ -233,7 +251,7 @@ def _close_quietly(chunks: Any) -> None:
 
 
 class CachedActivationStore:
-    """Batches of rows from an on-disk cache, in an order that is a pure function of ``(seed, rows served)``."""
+    """Batches of rows from an on-disk cache, in an order that is a function of ``(seed, rows served)``."""
 
     kind = "cache"
 
@@ -252,7 +270,9 @@ class CachedActivationStore:
         names = [hook_names] if isinstance(hook_names, str) else list(hook_names or self.cache.hook_names)
         missing = [h for h in names if h not in self.cache.hook_widths]
         if missing:
-            raise ValueError(f"cache {self.cache.path} has no column for {missing}; it holds {self.cache.hook_names}")
+            raise ValueError(
+                f"cache {self.cache.path} has no column for {missing}; it holds {self.cache.hook_names}"
+            )
         self.hooks = names
         self.widths = {h: self.cache.hook_widths[h] for h in names}
         self.batch_size = int(batch_size)
@@ -264,12 +284,17 @@ class CachedActivationStore:
         self.dict_batches = len(self.hooks) > 1 if dict_batches is None else dict_batches
         self.total_rows = self.cache.n_rows
         if self.total_rows < self.batch_size:
-            raise ValueError(f"cache {self.cache.path} has {self.total_rows} rows, fewer than one batch ({batch_size})")
+            raise ValueError(
+                f"cache {self.cache.path} has {self.total_rows} rows, fewer than one batch ({batch_size})"
+            )
         position = dict(position or {})
         if position and position.get("kind", self.kind) != self.kind:
             raise ValueError(f"cannot resume a cache stream from a {position.get('kind')} position")
         self.rows_served = int(position.get("rows_served", 0))
-        self.counters = {"rows_served": self.rows_served, "batches_served": self.rows_served // self.batch_size}
+        self.counters = {
+            "rows_served": self.rows_served,
+            "batches_served": self.rows_served // self.batch_size,
+        }
         self._blocks = self._row_blocks(self.rows_served)
         self._pending: dict[str, np.ndarray] | None = None
 

@@ -1,16 +1,18 @@
-"""Steering and interpretation: SAE splicing, steering hooks, concept naming, similarity search, bias probe, dashboards.
+"""Steering and interpretation: SAE splicing, steering hooks, concept naming, similarity search, bias probe,
+dashboards.
 
 Modules (each imported on first use of one of its names here):
 
-- ``splice``: ``SAESplicingMixin`` (``add_sae``, ``saes()``, ``run_with_saes``, ``run_with_cache_with_saes``,
-  ``reset_saes``), a base class of ``HookedVisionModel``
 - ``steering``: ``steer(model, sae, latents, mode, value, tokens)`` context manager, ``steer_vectors``,
   ``latent_directions``
 - ``concepts``: ``name_concepts(sae, vocabulary, model=...)`` (MSAE concept naming), text-embedding cache
 - ``vocabulary``: the shipped English word list
 - ``retrieval``: ``concept_search`` (steered similarity search), ``embed_images``, ``nearest``
-- ``bias``: ``bias_probe``, ``fit_linear_probe``, ``zero_shot_classifier``, ``load_attributes``
-- ``dashboard``: ``write_dashboard`` (HTML + FVU-L0 PNG), ``plot_fvu_vs_l0``; CLI ``sae-vision dashboard``
+- ``bias``: ``bias_probe``, ``load_attributes``; ``fit_linear_probe``, ``zero_shot_head`` (from
+  ``evals.representation``)
+- ``dashboard``: ``write_dashboard`` (HTML page, FVU-L0 PNG), ``collect_dashboard_data``; the page is
+  ``dashboard_page`` (a jinja2 template), the plot ``evals.plots.plot_fvu_vs_l0``; the CLI
+  ``commands.dashboard``
 - ``browser``: ``open_page`` (headless Chromium: DOM, console, screenshot)
 - ``toy``: tiny models, SAEs and images for examples and tests
 """
@@ -21,7 +23,6 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "SAESplicingMixin": "splice",
     "steer": "steering",
     "steer_vectors": "steering",
     "latent_directions": "steering",
@@ -32,7 +33,7 @@ _LAZY = {
     "embed_images": "retrieval",
     "bias_probe": "bias",
     "fit_linear_probe": "bias",
-    "zero_shot_classifier": "bias",
+    "zero_shot_head": "bias",
     "load_attributes": "bias",
     "write_dashboard": "dashboard",
     "plot_fvu_vs_l0": "dashboard",

@@ -1,94 +1,57 @@
-"""Bias probe (MSAE paper, CelebA): how a downstream classifier's predictions move when a concept latent is scaled.
+"""Bias probe (MSAE paper, CelebA): how a downstream classifier's predictions move when a concept latent is
+scaled.
 
-Inputs: embeddings ``X`` ``[N, d]`` of a labelled image set (the SAE's input space, e.g. CLIP image embeddings),
-a classifier ``f: [N, d] -> probabilities [N, C]`` (a linear probe fitted on ``X``, or zero-shot CLIP prompts),
-concept latents and strengths. For each latent ``i`` and strength ``s`` the embeddings are steered
-(``analysis.steering.steer_vectors``; by default ``mode="scale"``: ``z'_i = s * z_i``, so ``s = 0`` ablates the
-concept and ``s > 1`` amplifies it; the SAE error stays in place), and the table reports, for the target class
-``c``:
+Inputs: embeddings ``X`` ``[N, d]`` of a labelled image set (the SAE's input space, e.g. CLIP image
+embeddings), a classifier head ``h: [N, d] -> logits [N, C]`` with probabilities ``f = softmax(h)`` (a linear
+probe fitted on ``X`` by ``fit_linear_probe``, or ``zero_shot_head`` / ``zero_shot_from_prompts``: zero-shot
+CLIP prompts), concept latents and strengths. For each latent ``i`` and strength ``s`` the embeddings are
+steered (``analysis.steering.steer_vectors``; by default ``mode="scale"``: ``z'_i = s * z_i``, so ``s = 0``
+ablates the concept and ``s > 1`` amplifies it; the SAE error stays in place), and the table reports, for the
+target class ``c``:
 
 - ``p``: mean ``f(X')_c``; ``dp``: its change from the unsteered ``f(X)_c``;
 - ``rate``: fraction of images predicted ``c`` (argmax); ``drate``: its change;
 - ``flip``: fraction of images whose predicted class changed;
-- for each binary attribute ``a`` (e.g. CelebA's ``Male``, ``Smiling``): ``dp|a=1`` and ``dp|a=0``, the change in
-  mean ``f(X')_c`` within each group, which shows whom the concept's presence pushes.
+- for each binary attribute ``a`` (e.g. CelebA's ``Male``, ``Smiling``): ``dp|a=1`` and ``dp|a=0``, the change
+  in mean ``f(X')_c`` within each group, which shows whom the concept's presence pushes.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from sae_vision_ext.analysis.concepts import clip_text_encoder
 from sae_vision_ext.analysis.retrieval import resolve_latent
 from sae_vision_ext.analysis.steering import steer_vectors
+from sae_vision_ext.evals.representation import Head, LinearProbe, fit_linear_probe, zero_shot_head
 
-Classifier = Callable[[Tensor], Tensor]
-
-
-class LinearProbe(nn.Module):
-    """Multinomial logistic regression on standardised embeddings: ``p = softmax(((x - m) / s) W^T + b)``."""
-
-    def __init__(self, d_in: int, n_classes: int):
-        super().__init__()
-        self.linear = nn.Linear(d_in, n_classes)
-        self.register_buffer("mean", torch.zeros(d_in))
-        self.register_buffer("scale", torch.ones(d_in))
-
-    def logits(self, x: Tensor) -> Tensor:
-        return self.linear((x.float() - self.mean) / self.scale)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.logits(x).softmax(dim=-1)
+# the probe and zero-shot heads live in evals.representation; re-exported for ``analysis.fit_linear_probe``
+__all__ = [
+    "BiasTable",
+    "Head",
+    "LinearProbe",
+    "bias_probe",
+    "fit_linear_probe",
+    "load_attributes",
+    "zero_shot_from_prompts",
+    "zero_shot_head",
+]
 
 
-def fit_linear_probe(
-    embeddings: Tensor, labels: Tensor, n_classes: int | None = None, l2: float = 1e-3, max_iter: int = 200
-) -> LinearProbe:
-    """Fit a :class:`LinearProbe` by full-batch L-BFGS on cross-entropy + ``l2 * ||W||^2``."""
-    x = embeddings.detach().float().cpu()
-    y = torch.as_tensor(labels).long().cpu()
-    n_classes = n_classes or int(y.max()) + 1
-    probe = LinearProbe(x.shape[1], n_classes)
-    probe.mean.copy_(x.mean(dim=0))
-    probe.scale.copy_(x.std(dim=0).clamp_min(1e-6))
-    optimizer = torch.optim.LBFGS(probe.linear.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(probe.logits(x), y) + l2 * probe.linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    probe.eval()
-    return probe
-
-
-def zero_shot_classifier(class_text_embeddings: Tensor, temperature: float = 100.0) -> Classifier:
-    """CLIP zero-shot: ``p = softmax(T * cos(x, t_c))`` over the class prompts' text embeddings ``[C, d]``."""
-    text = nn.functional.normalize(class_text_embeddings.detach().float(), dim=-1)
-
-    def classify(x: Tensor) -> Tensor:
-        x = nn.functional.normalize(x.float(), dim=-1)
-        return (temperature * x @ text.to(x.device).T).softmax(dim=-1)
-
-    return classify
-
-
-def zero_shot_from_prompts(model: Any, prompts: Sequence[str], temperature: float = 100.0) -> Classifier:
-    """:func:`zero_shot_classifier` with the prompts embedded by a CLIP-family ``model``."""
-    from sae_vision_ext.analysis.concepts import clip_text_encoder
-
+def zero_shot_from_prompts(model: Any, prompts: Sequence[str], temperature: float = 100.0) -> Head:
+    """A zero-shot head (:func:`~sae_vision_ext.evals.representation.zero_shot_head`) on the prompts embedded
+    by a CLIP-family ``model``; ``temperature`` is CLIP's logit scale."""
     with torch.no_grad():
         text = clip_text_encoder(model)(list(prompts)).float().cpu()
-    return zero_shot_classifier(text, temperature=temperature)
+    return zero_shot_head(text, logit_scale=temperature)
 
 
 def _truthy(value: str) -> bool:
@@ -125,7 +88,8 @@ def load_attributes(path: str | Path) -> tuple[list[str], dict[str, Tensor]]:
         if len(row) != len(names):
             raise ValueError(f"{path}: row {row_id!r} has {len(row)} values for {len(names)} attributes")
     columns = {
-        name: torch.tensor([_truthy(row[j]) for row in values], dtype=torch.bool) for j, name in enumerate(names)
+        name: torch.tensor([_truthy(row[j]) for row in values], dtype=torch.bool)
+        for j, name in enumerate(names)
     }
     return ids, columns
 
@@ -172,18 +136,18 @@ class BiasTable:
         return path
 
 
-def _probabilities(classifier: Classifier, x: Tensor, batch_size: int) -> Tensor:
+def _probabilities(classifier: Head, x: Tensor, batch_size: int) -> Tensor:
     chunks = []
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
-            chunks.append(classifier(x[start : start + batch_size]).float().cpu())
+            chunks.append(classifier(x[start : start + batch_size]).float().softmax(dim=-1).cpu())
     return torch.cat(chunks)
 
 
 def bias_probe(
     sae: Any,
     embeddings: Tensor,
-    classifier: Classifier,
+    classifier: Head,
     latents: Sequence[int | str],
     strengths: Sequence[float] = (0.0, 0.5, 2.0, 4.0),
     mode: str = "scale",
@@ -192,7 +156,8 @@ def bias_probe(
     names: Any = None,
     batch_size: int = 4096,
 ) -> BiasTable:
-    """Steer ``embeddings`` along each latent at each strength and tabulate the classifier's prediction shifts.
+    """Steer ``embeddings`` along each latent at each strength and tabulate the classifier's prediction
+    shifts.
 
     ``attributes``: name -> boolean ``[N]`` labels (CelebA-style), reported as per-group shifts. ``names``:
     concept names, so latents may be given as words; they also fill the ``name`` column.
@@ -231,7 +196,9 @@ def bias_probe(
                 "p": float(target.mean()),
                 "dp": float((target - base_target).mean()),
                 "rate": float((pred == target_class).double().mean()),
-                "drate": float((pred == target_class).double().mean() - (base_pred == target_class).double().mean()),
+                "drate": float(
+                    (pred == target_class).double().mean() - (base_pred == target_class).double().mean()
+                ),
                 "flip": float((pred != base_pred).double().mean()),
             }
             for key, mask in attributes.items():

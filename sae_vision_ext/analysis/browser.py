@@ -40,7 +40,8 @@ def find_chromium() -> str:
             return path
     raise ChromiumNotFound(
         "headless Chromium is needed to check the dashboard but none was found on PATH "
-        f"(tried {', '.join(CANDIDATES)} and $CHROMIUM). Install it with: apt-get update && apt-get install -y chromium"
+        f"(tried {', '.join(CANDIDATES)} and $CHROMIUM). "
+        "Install it with: apt-get update && apt-get install -y chromium"
     )
 
 
@@ -70,7 +71,8 @@ def open_page(
     timeout: float = 120.0,
     chromium: str | None = None,
 ) -> PageReport:
-    """Load ``html_path`` in headless Chromium; return the DOM, console messages and (optionally) a screenshot."""
+    """Load ``html_path`` in headless Chromium; return the DOM, console messages and (optionally) a
+    screenshot."""
     binary = chromium or find_chromium()
     url = Path(html_path).resolve().as_uri()
     with tempfile.TemporaryDirectory(prefix="sae_vision_chromium_") as profile:
@@ -98,5 +100,9 @@ def open_page(
     console = [m.group(1) for line in completed.stderr.splitlines() if (m := _CONSOLE.search(line))]
     shot = Path(screenshot) if screenshot is not None and Path(screenshot).exists() else None
     return PageReport(
-        dom=completed.stdout, console=console, screenshot=shot, returncode=completed.returncode, stderr=completed.stderr
+        dom=completed.stdout,
+        console=console,
+        screenshot=shot,
+        returncode=completed.returncode,
+        stderr=completed.stderr,
     )

@@ -1,18 +1,18 @@
 """Concept naming for SAEs on a CLIP-family image embedding (MSAE paper, Zaigrajew et al. 2025).
 
-Each latent ``i`` has a decoder atom; mapped back to the CLIP embedding space it is
-``a_i = decode(e_i) - decode(0)`` (for a plain SAE this is ``W_dec[i]``; for an SAE that standardises its inputs,
-``x' = (x - mu) * s``, it is ``W_dec[i] / s``: the same direction in raw CLIP space, which is what matters here).
-With ``t_w`` the CLIP text embedding of word ``w`` (optionally wrapped in a prompt template), the score is
+Each latent ``i`` has a decoder atom; mapped back to the CLIP embedding space it is ``a_i = decode(e_i) -
+decode(0)`` (for a plain SAE this is ``W_dec[i]``; for an SAE that standardises its inputs, ``x' = (x - mu) *
+s``, it is ``W_dec[i] / s``: the same direction in raw CLIP space, which is what matters here). With ``t_w``
+the CLIP text embedding of word ``w`` (optionally wrapped in a prompt template), the score is
 
     score(i, w) = cos(a_i, t_w) = <a_i, t_w> / (||a_i|| ||t_w||)
 
 and the latent is named by the words with the highest scores. ``space="sae"`` scores ``W_dec[i]`` as stored,
-without going through ``decode``. ``center_text=True`` subtracts the vocabulary's mean text embedding first (removes
-the component shared by all captions; off by default, as in the paper).
+without going through ``decode``. ``center_text=True`` subtracts the vocabulary's mean text embedding first
+(removes the component shared by all captions; off by default, as in the paper).
 
-Text embeddings are cached on disk (``$SAE_VISION_CACHE`` or ``~/.cache/sae_vision_ext``) under a key made of the
-model spec (plus a fingerprint of its weights), the prompt template and a hash of the word list.
+Text embeddings are cached on disk (``$SAE_VISION_CACHE`` or ``~/.cache/sae_vision_ext``) under a key made of
+the model spec (plus a fingerprint of its weights), the prompt template and a hash of the word list.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from sae_vision_ext.analysis.steering import latent_directions
 from sae_vision_ext.analysis.vocabulary import load_vocabulary, vocabulary_hash
@@ -59,14 +61,17 @@ def weights_fingerprint(model: Any, n_tensors: int = 4, n_values: int = 4096) ->
     return digest.hexdigest()[:12]
 
 
-def clip_text_encoder(model: Any, device: str | torch.device | None = None, truncate: bool = True) -> TextEncoder:
+def clip_text_encoder(
+    model: Any, device: str | torch.device | None = None, truncate: bool = True
+) -> TextEncoder:
     """A text encoder ``words -> [n, d]`` from a model exposing ``encode_text`` and ``tokenizer``.
 
     Works on a ``HookedVisionModel`` over an open_clip model, or on an open_clip model with a tokenizer
     passed as ``model.tokenizer``. ``truncate``: for open_clip CLIP text towers with a causal mask and EOT
-    ("argmax") pooling, run only the first ``L`` context positions (``L`` = longest prompt in the batch) instead
-    of all 77: the pooled EOT feature depends on earlier positions only, so the result is the same (checked
-    against the full forward on the first call; falls back when it differs) and short words cost ~10x less.
+    ("argmax") pooling, run only the first ``L`` context positions (``L`` = longest prompt in the batch)
+    instead of all 77: the pooled EOT feature depends on earlier positions only, so the result is the same
+    (checked against the full forward on the first call; falls back when it differs) and short words cost ~10x
+    less.
     """
     encode_text = getattr(model, "encode_text", None)
     tokenizer = getattr(model, "tokenizer", None)
@@ -101,7 +106,14 @@ def clip_text_encoder(model: Any, device: str | torch.device | None = None, trun
 
 
 def _truncatable(clip: Any) -> bool:
-    needed = ("token_embedding", "positional_embedding", "attn_mask", "transformer", "ln_final", "encode_text")
+    needed = (
+        "token_embedding",
+        "positional_embedding",
+        "attn_mask",
+        "transformer",
+        "ln_final",
+        "encode_text",
+    )
     return (
         all(hasattr(clip, name) for name in needed)
         and getattr(clip, "text_pool_type", None) == "argmax"
@@ -129,13 +141,17 @@ def embed_texts(
     template: str = "{}",
     progress: bool = True,
 ) -> Tensor:
-    """L2-normalised text embeddings ``[len(words), d]`` of ``template.format(word)``, in batches; ``progress``
-    shows a tqdm bar (words/s) on stderr."""
-    from tqdm.auto import tqdm
-
+    """L2-normalised text embeddings ``[len(words), d]`` of ``template.format(word)``, in batches;
+    ``progress`` shows a tqdm bar (words/s) on stderr."""
     chunks = []
-    bar = tqdm(total=len(words), unit="words", desc="embedding vocabulary", disable=not progress, leave=None,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=len(words),
+        unit="words",
+        desc="embedding vocabulary",
+        disable=not progress,
+        leave=None,
+        dynamic_ncols=True,
+    )
     with bar:
         for start in range(0, len(words), batch_size):
             prompts = [template.format(word) for word in words[start : start + batch_size]]
@@ -163,8 +179,6 @@ def cached_text_embeddings(
     progress: bool = True,
 ) -> Tensor:
     """:func:`embed_texts` with an on-disk cache keyed by model spec + template + vocabulary hash."""
-    from safetensors.torch import load_file, save_file
-
     path = text_embedding_cache_path(model_spec, words, template)
     if use_cache and path.exists():
         stored = load_file(str(path))["text_embeddings"]
@@ -256,8 +270,8 @@ def score_atoms(atoms: Tensor, text_embeddings: Tensor, center_text: bool = Fals
     text = torch.nn.functional.normalize(text, dim=-1)
     if atoms.shape[-1] != text.shape[-1]:
         raise ValueError(
-            f"atoms have dimension {atoms.shape[-1]} but text embeddings {text.shape[-1]}: the SAE must be trained "
-            "on the joint image-text embedding (hook_image_embed) for concept naming"
+            f"atoms have dimension {atoms.shape[-1]} but text embeddings {text.shape[-1]}: the SAE must be "
+            "trained on the joint image-text embedding (hook_image_embed) for concept naming"
         )
     return atoms @ text.T
 
@@ -283,10 +297,11 @@ def name_concepts(
     """Name SAE latents by the vocabulary words whose text embeddings best match their decoder atoms.
 
     Text embeddings come from, in order: ``text_embeddings`` (``[n_words, d]``, aligned with the vocabulary),
-    ``text_encoder`` (a callable ``list[str] -> [n, d]``) or ``model`` (a CLIP-family model with ``encode_text``
-    and ``tokenizer``). Embeddings from an encoder are cached on disk under ``model_spec`` (default: the model's
-    spec plus a fingerprint of its weights; with a bare ``text_encoder`` and no ``model_spec`` nothing is
-    cached). ``progress`` shows a tqdm bar (words/s) on stderr while the vocabulary is embedded.
+    ``text_encoder`` (a callable ``list[str] -> [n, d]``) or ``model`` (a CLIP-family model with
+    ``encode_text`` and ``tokenizer``). Embeddings from an encoder are cached on disk under ``model_spec``
+    (default: the model's spec plus a fingerprint of its weights; with a bare ``text_encoder`` and no
+    ``model_spec`` nothing is cached). ``progress`` shows a tqdm bar (words/s) on stderr while the vocabulary
+    is embedded.
     """
     words = load_vocabulary(vocabulary)
     if not words:
@@ -299,11 +314,17 @@ def name_concepts(
             text_encoder = clip_text_encoder(model)
             spec = spec or f"{model_spec_of(model)}@{weights_fingerprint(model)}"
         if spec is None:
-            text_embeddings = embed_texts(words, text_encoder, batch_size=batch_size, template=template,
-                                          progress=progress)  # fmt: skip
+            text_embeddings = embed_texts(
+                words, text_encoder, batch_size=batch_size, template=template, progress=progress
+            )
         else:
             text_embeddings = cached_text_embeddings(
-                words, text_encoder, spec, template=template, batch_size=batch_size, use_cache=use_cache,
+                words,
+                text_encoder,
+                spec,
+                template=template,
+                batch_size=batch_size,
+                use_cache=use_cache,
                 progress=progress,
             )
     if text_embeddings.shape[0] != len(words):

@@ -8,7 +8,8 @@ strength ``s``, the steered query is (see ``analysis.steering``)
     mode="scale":  same with z'_i = s * z_i
 
 (the SAE's reconstruction error stays in ``q'``), and the result is the ``top_k`` gallery items by cosine
-similarity ``cos(q', g_n)``. A latent may be given by index or by its concept name (see ``analysis.concepts``).
+similarity ``cos(q', g_n)``. A latent may be given by index or by its concept name (see
+``analysis.concepts``).
 """
 
 from __future__ import annotations
@@ -51,14 +52,18 @@ def embed_images(
     return torch.cat(outputs)
 
 
-def nearest(queries: Tensor, gallery: Tensor, top_k: int = 10, chunk_size: int = 65536) -> tuple[Tensor, Tensor]:
+def nearest(
+    queries: Tensor, gallery: Tensor, top_k: int = 10, chunk_size: int = 65536
+) -> tuple[Tensor, Tensor]:
     """Cosine top-k: ``(scores [Q, k], indices [Q, k])`` of ``gallery`` rows nearest each query row."""
     queries = torch.nn.functional.normalize(queries.float(), dim=-1)
     top_k = min(top_k, gallery.shape[0])
     best_scores = torch.full((queries.shape[0], 0), float("-inf"))
     best_index = torch.zeros((queries.shape[0], 0), dtype=torch.long)
     for start in range(0, gallery.shape[0], chunk_size):
-        chunk = torch.nn.functional.normalize(gallery[start : start + chunk_size].float().to(queries.device), dim=-1)
+        chunk = torch.nn.functional.normalize(
+            gallery[start : start + chunk_size].float().to(queries.device), dim=-1
+        )
         scores = (queries @ chunk.T).cpu()
         k = min(top_k, scores.shape[1])
         chunk_scores, chunk_index = scores.topk(k, dim=-1)
@@ -118,5 +123,10 @@ def concept_search(
     else:
         scores, indices = nearest(steered, gallery, top_k=top_k)
     return SearchResult(
-        indices=indices, scores=scores, steered_queries=steered, latent=latent_index, strength=float(strength), mode=mode
+        indices=indices,
+        scores=scores,
+        steered_queries=steered,
+        latent=latent_index,
+        strength=float(strength),
+        mode=mode,
     )

@@ -3,12 +3,12 @@
 For activations ``x`` at the SAE's hook (only at the chosen token positions), latents ``z = encode(x)`` and an
 edited copy ``z'``:
 
-- ``mode="add"``:    ``x' = x + sum_i value_i * d_i``  with ``d_i = decode(e_i) - decode(0)`` the latent's decoder
-  atom in the model's activation space (``W_dec[i]`` for a plain linear decoder; the standardisation of SAEs that
-  rescale their inputs is undone by going through ``decode``);
-- ``mode="clamp"``:  ``z'_i = value_i``;  ``mode="scale"``: ``z'_i = value_i * z_i``;  ``mode="ablate"``: ``z'_i = 0``;
-  then ``x' = x + decode(z') - decode(z)``, which keeps the SAE's reconstruction error ``x - decode(z)`` in place:
-  only what the SAE explains is edited.
+- ``mode="add"``:    ``x' = x + sum_i value_i * d_i``  with ``d_i = decode(e_i) - decode(0)`` the latent's
+  decoder atom in the model's activation space (``W_dec[i]`` for a plain linear decoder; the standardisation
+  of SAEs that rescale their inputs is undone by going through ``decode``);
+- ``mode="clamp"``:  ``z'_i = value_i``;  ``mode="scale"``: ``z'_i = value_i * z_i``;  ``mode="ablate"``:
+  ``z'_i = 0``; then ``x' = x + decode(z') - decode(z)``, which keeps the SAE's reconstruction error ``x -
+  decode(z)`` in place: only what the SAE explains is edited.
 
 ``steer(model, sae, ...)`` is a context manager around any hooked model (``HookedVisionModel``, a
 ``HookedRootModule``). When the SAE is spliced into the model (``model.add_sae``), the edit is applied to the
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae_vision_ext.analysis.splice import hooks_disabled, sae_hook_name
-from sae_vision_ext.analysis.tokens import TokenSelection, check_pooled_selection, token_positions
+from sae_vision_ext.vision.splice import hooks_disabled, sae_hook_name
+from sae_vision_ext.vision.tokens import TokenSelection, check_pooled_selection, token_positions
 
 MODES = ("add", "clamp", "scale", "ablate")
 
@@ -68,8 +68,8 @@ def latent_directions(sae: Any, latents: int | Sequence[int] | Tensor) -> Tensor
     """Decoder atoms in the SAE's input space, ``d_i = decode(e_i) - decode(0)``, as ``[n_latents, d_in]``.
 
     Exact for any affine decoder, including SAEs that standardise their inputs and undo it in ``decode``
-    (there ``d_i`` is the atom mapped back to raw activation space). Falls back to ``W_dec[i]`` when ``decode``
-    needs per-input state (``constant_norm_rescale`` / ``layer_norm`` SAELens normalisation).
+    (there ``d_i`` is the atom mapped back to raw activation space). Falls back to ``W_dec[i]`` when
+    ``decode`` needs per-input state (``constant_norm_rescale`` / ``layer_norm`` SAELens normalisation).
     """
     index = torch.as_tensor(_as_latent_list(latents), dtype=torch.long)
     d_sae = int(sae.cfg.d_sae)
@@ -164,7 +164,7 @@ def steer(
     """Context manager: every forward pass of ``model`` inside the block is steered.
 
     ``latents``: one index or several; ``value``: one number or one per latent (ignored for ``"ablate"``);
-    ``tokens``: ``"cls"``, ``"patches"``, ``"registers"``, ``"all"`` or positions (see ``analysis.tokens``);
+    ``tokens``: ``"cls"``, ``"patches"``, ``"registers"``, ``"all"`` or positions (see ``vision.tokens``);
     ``hook_name`` defaults to ``sae.cfg.metadata.hook_name``.
     """
     if mode not in MODES:
@@ -226,7 +226,9 @@ def steer(
     target.add_hook(hook_fn, dir="fwd")
     handle = target.fwd_hooks[-1]
     try:
-        yield SteeringHandle(hook_name=hook_name, spliced=spliced, latents=latent_list, mode=mode, values=values)
+        yield SteeringHandle(
+            hook_name=hook_name, spliced=spliced, latents=latent_list, mode=mode, values=values
+        )
     finally:
         handle.hook.remove()
         if handle in target.fwd_hooks:

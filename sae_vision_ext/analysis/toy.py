@@ -1,22 +1,31 @@
 """Tiny models, SAEs and images for examples, demos and tests (no downloads, seconds on a CPU).
 
-- :func:`tiny_clip`: an open_clip CLIP with a 2-block 64-wide ViT (8x8 patches on 32x32 images, so a 4x4 grid),
-  a 2-block text tower and a 32-d joint embedding, random weights; hooked, with SAE splicing enabled.
+- :func:`tiny_clip`: an open_clip CLIP with a 2-block 64-wide ViT (8x8 patches on 32x32 images, so a 4x4
+  grid), a 2-block text tower and a 32-d joint embedding, random weights; hooked, with SAE splicing enabled.
 - :func:`tiny_timm_vit`: a 2-block timm ViT with 4 register tokens (DINOv2-style layout), random weights.
 - :func:`make_sae`: a SAELens ``StandardSAE`` / ``TopKSAE`` carrying the metadata that says where it belongs.
-- :func:`planted_sae`: an SAE whose decoder atoms are given directions (``W_dec = D``, ``W_enc = D^T``, biases 0).
+- :func:`planted_sae`: an SAE whose decoder atoms are given directions (``W_dec = D``, ``W_enc = D^T``,
+  zero biases).
 - :func:`synthetic_images`: PIL images of coloured shapes on coloured backgrounds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
+from PIL import Image, ImageDraw
+from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens.saes.sae import SAEMetadata
 from torch import Tensor
+
+from sae_vision_ext.vision.load import load_vision_model
 
 TINY_CLIP_ARCH = "TinyCLIP-sae-vision"
 TINY_CLIP_CONFIG = {
@@ -27,9 +36,8 @@ TINY_CLIP_CONFIG = {
 
 
 def register_tiny_clip_config() -> str:
-    """Make ``open_clip:TinyCLIP-sae-vision`` known to open_clip (idempotent); returns the architecture name."""
-    import open_clip
-
+    """Make ``open_clip:TinyCLIP-sae-vision`` known to open_clip (idempotent); returns the architecture
+    name."""
     if TINY_CLIP_ARCH not in open_clip.list_models():
         folder = Path(tempfile.mkdtemp(prefix="sae_vision_tiny_clip_"))
         path = folder / f"{TINY_CLIP_ARCH}.json"
@@ -39,10 +47,6 @@ def register_tiny_clip_config() -> str:
 
 
 def _quiet_load(spec: str, **kwargs: Any) -> tuple[Any, Any]:
-    import logging
-
-    from sae_vision_ext.vision.load import load_vision_model
-
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns that a random init has no pretrained weights
@@ -85,11 +89,6 @@ def make_sae(
     seed: int = 0,
 ) -> Any:
     """A randomly initialised SAELens SAE (``"standard"`` or ``"topk"``) with vision metadata."""
-    from sae_lens import StandardSAE, TopKSAE
-    from sae_lens.saes.sae import SAEMetadata
-    from sae_lens.saes.standard_sae import StandardSAEConfig
-    from sae_lens.saes.topk_sae import TopKSAEConfig
-
     metadata = SAEMetadata(
         hook_name=hook_name, model_name=model_name, token_selection=token_selection, modality="vision"
     )
@@ -128,10 +127,6 @@ def orthonormal_directions(n: int, d: int, seed: int = 0) -> Tensor:
 
 def synthetic_images(n: int, size: int = 64, seed: int = 0) -> list[Any]:
     """``n`` RGB PIL images: a coloured circle, square or triangle on a coloured background."""
-    import random
-
-    from PIL import Image, ImageDraw
-
     rng = random.Random(seed)
     images = []
     for _ in range(n):

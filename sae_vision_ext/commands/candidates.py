@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg: CandidatesConfig = getattr(parse(build_parser(argv), argv), CONFIG_DEST)
     # heavy: imported when the command runs, so --help stays instant
-    from sae_vision_ext.training.candidates import compute_candidates, open_row_source
+    from sae_vision_ext.activations.rows import open_row_source
+    from sae_vision_ext.training.candidates import compute_candidates
 
     source = open_row_source(cfg.source, hook_name=cfg.hook_name, chunk_rows=cfg.chunk_rows)
     result = compute_candidates(

@@ -42,9 +42,15 @@ RANKINGS = ("total", "frequency", "max")  # = analysis.dashboard.RANKINGS (that 
 class DashboardConfig:
     """The SAE, the images, and what the dashboard shows."""
 
-    sae: list[str] = option([], nargs="+", action="extend", required=False, metavar="PATH",
-                            help="SAE folder(s) (SAELens format; repeatable); the first gets the dashboard, "
-                            "all go on the FVU-L0 plot (they must read the same hook)")  # fmt: skip
+    sae: list[str] = option(
+        [],
+        nargs="+",
+        action="extend",
+        required=False,
+        metavar="PATH",
+        help="SAE folder(s) (SAELens format; repeatable); the first gets the dashboard, "
+        "all go on the FVU-L0 plot (they must read the same hook)",
+    )
     demo: bool = option(False, help="tiny random CLIP + random SAE on synthetic images (no --sae, --dataset)")
     model_name: str | None = option(None, "--model", help="model spec (None: the one the SAE was trained on)")
     model_weights: str | None = option(None, "--weights", help="weights file (None: the SAE's metadata)")
@@ -60,8 +66,9 @@ class DashboardConfig:
     rank_by: str = option("total", choices=RANKINGS, help="how to pick the top latents")
     batch_size: int = option(32, help="images per forward pass")
     ks: str | None = option(None, help="comma-separated inference k values for the FVU-L0 curve (MSAE)")
-    name_concepts: bool = option(False, help="name latents with CLIP text embeddings (an SAE on "
-                                 "hook_image_embed of a CLIP model)")  # fmt: skip
+    name_concepts: bool = option(
+        False, help="name latents with CLIP text embeddings (an SAE on hook_image_embed of a CLIP model)"
+    )
     vocabulary: str | None = option(None, help="word list file for --name-concepts (None: the shipped list)")
     quiet: bool = option(False, help="no progress bars")
 
@@ -85,14 +92,13 @@ def load_images(cfg: DashboardConfig) -> list[Any]:
     """The images the dashboard reads: ``--synthetic`` / ``--demo`` shapes or the first ``--limit`` of
     ``--dataset`` (unreadable ones skipped and counted)."""
     # heavy: imported when the command runs, so --help stays instant
+    from sae_vision_ext.activations.images import open_images
     from sae_vision_ext.analysis.toy import synthetic_images
 
     if cfg.synthetic or cfg.demo:
         return synthetic_images(cfg.synthetic or 48, seed=0)
     if not cfg.dataset_path:
         raise UserError("give --dataset DIR (or --synthetic N)")
-    from sae_vision_ext.activations.images import open_images
-
     collection = open_images(cfg.dataset_path, split=cfg.dataset_split)
     images, skipped = [], 0
     for index in range(min(len(collection), cfg.limit)):
@@ -112,23 +118,25 @@ def load_saes_and_model(cfg: DashboardConfig) -> tuple[list[tuple[str, Any]], An
     first one was trained on, rebuilt from its metadata."""
     # heavy: imported when the command runs, so --help stays instant
     from sae_vision_ext.analysis.toy import TINY_CLIP_ARCH, make_sae, register_tiny_clip_config, tiny_clip
+    from sae_vision_ext.evals.saved import load_sae_folder
+    from sae_vision_ext.vision.load import load_model_for_sae
 
     if cfg.demo:
         model, preprocess = tiny_clip()
-        sae = make_sae(model.cfg.d_model, 64, "blocks.1.hook_resid_post", token_selection="cls",
-                       model_name=model.spec)  # fmt: skip
+        sae = make_sae(
+            model.cfg.d_model, 64, "blocks.1.hook_resid_post", token_selection="cls", model_name=model.spec
+        )
         return [("demo", sae)], model, preprocess
     if not cfg.sae:
         raise UserError("give --sae PATH (or --demo)")
-    from sae_vision_ext.evals.saved import load_sae_folder
-    from sae_vision_ext.vision.load import load_model_for_sae
 
     saes = [(Path(p).name, load_sae_folder(p, device=cfg.device)) for p in cfg.sae]
     spec = cfg.model_name or saes[0][1].cfg.metadata.get("model_name") or ""
     if TINY_CLIP_ARCH in spec:
         register_tiny_clip_config()
-    model, preprocess, _ = load_model_for_sae(saes[0][1], device=cfg.device, model_name=cfg.model_name,
-                                              weights=cfg.model_weights, say=say)  # fmt: skip
+    model, preprocess, _ = load_model_for_sae(
+        saes[0][1], device=cfg.device, model_name=cfg.model_name, weights=cfg.model_weights, say=say
+    )
     return saes, model, preprocess
 
 
@@ -138,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg: DashboardConfig = getattr(parse(build_parser(argv), argv), CONFIG_DEST)
     latents, ks = _ints(cfg.latents, "--latents"), _ints(cfg.ks, "--ks")
     # heavy: imported when the command runs, so --help stays instant
+    from sae_vision_ext.analysis.concepts import name_concepts
     from sae_vision_ext.analysis.dashboard import write_dashboard
 
     started = time.perf_counter()
@@ -146,18 +155,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     sae = saes[0][1]
     names = None
     if cfg.name_concepts:
-        from sae_vision_ext.analysis.concepts import name_concepts
-
         names = name_concepts(sae, cfg.vocabulary, model=model, top_n=6, progress=not cfg.quiet)
     paths = write_dashboard(
-        model, sae, images, cfg.output_path, preprocess=preprocess, n_latents=cfg.n_latents, top_k=cfg.top_k,
-        latents=latents, rank_by=cfg.rank_by, names=names, batch_size=cfg.batch_size, extra_saes=saes[1:],
-        ks=ks, progress=not cfg.quiet,
-    )  # fmt: skip
+        model,
+        sae,
+        images,
+        cfg.output_path,
+        preprocess=preprocess,
+        n_latents=cfg.n_latents,
+        top_k=cfg.top_k,
+        latents=latents,
+        rank_by=cfg.rank_by,
+        names=names,
+        batch_size=cfg.batch_size,
+        extra_saes=saes[1:],
+        ks=ks,
+        progress=not cfg.quiet,
+    )
     summary = json.loads(Path(paths["summary"]).read_text(encoding="utf-8"))["summary"]
     print(f"dashboard: {paths['html']}")
     print(f"FVU vs L0: {paths['plot']}")
-    print(f"FVU {summary['fvu']:.4f} | cosine {summary['cosine']:.4f} | L0 {summary['l0']:.1f} | dead "
-          f"{summary['dead_fraction']:.1%} on {summary['n_rows']:,} rows of {summary['hook_name']} "
-          f"({len(images)} images, {time.perf_counter() - started:.1f} s)")  # fmt: skip
+    print(
+        f"FVU {summary['fvu']:.4f} | cosine {summary['cosine']:.4f} | L0 {summary['l0']:.1f} | dead "
+        f"{summary['dead_fraction']:.1%} on {summary['n_rows']:,} rows of {summary['hook_name']} "
+        f"({len(images)} images, {time.perf_counter() - started:.1f} s)"
+    )
     return 0

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import io
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +54,13 @@ def _defaults(argv: Sequence[str]) -> ReportConfig:
     return ReportConfig.tiny() if preparse(ReportOptions, argv).tiny else ReportConfig()
 
 
-def build_parser(argv: Sequence[str] = (), prog: str = "sae-vision report", description: str = DESCRIPTION,
-                 epilog: str = EPILOG, defaults: ReportConfig | None = None):  # fmt: skip
+def build_parser(
+    argv: Sequence[str] = (),
+    prog: str = "sae-vision report",
+    description: str = DESCRIPTION,
+    epilog: str = EPILOG,
+    defaults: ReportConfig | None = None,
+):
     parser = new_parser(prog, description, epilog)
     parser.add_arguments(ReportOptions, dest="options")
     add_config(parser, ReportConfig, defaults=defaults or _defaults(argv))
@@ -68,18 +73,27 @@ def report_config(argv: Sequence[str], **parser_kwargs: Any) -> tuple[ReportConf
     args = parse(build_parser(argv, defaults=defaults, **parser_kwargs), argv)
     cfg: ReportConfig = getattr(args, CONFIG_DEST)
     # the fields that are not flags come from the preset
-    cfg = dataclasses.replace(cfg, synthetic_kwargs=defaults.synthetic_kwargs,
-                              stability=cfg.stability_seeds >= 2)  # fmt: skip
+    cfg = dataclasses.replace(
+        cfg, synthetic_kwargs=defaults.synthetic_kwargs, stability=cfg.stability_seeds >= 2
+    )
     return cfg, args.options
+
+
+def run_report_command(
+    command: str, argv: Sequence[str] | None, read_config: Callable[[Sequence[str]], tuple[ReportConfig, Any]]
+) -> int:
+    """Run a report from the command line: ``read_config(argv) -> (config, options with .quiet)``; the main of
+    both ``sae-vision report`` and ``sae-vision synthetic``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, options = read_config(argv)
+    # heavy: imported when the command runs, so --help stays instant
+    from sae_vision_ext.evals.report import run_report
+
+    path = run_report(cfg, command=f"sae-vision {command} " + " ".join(argv), progress=not options.quiet)
+    print(f"wrote {path}")
+    return 0
 
 
 @one_line_errors("report")
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, options = report_config(argv)
-    # heavy: imported when the command runs, so --help stays instant
-    from sae_vision_ext.evals.report import run_report
-
-    path = run_report(cfg, command="sae-vision report " + " ".join(argv), progress=not options.quiet)
-    print(f"wrote {path}")
-    return 0
+    return run_report_command("report", argv, report_config)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ from sae_vision_ext.commands._common import (
     one_line_errors,
     parse,
 )
-from sae_vision_ext.commands.report import preparse
+from sae_vision_ext.commands.report import preparse, run_report_command
 from sae_vision_ext.evals.report_config import ReportConfig, synthetic_report_config
 from sae_vision_ext.training.config import option
 
@@ -43,15 +42,19 @@ HIDE = ("data", "key", "labels")
 class SyntheticOptions:
     """The synthetic data (its ground truth sizes the SAEs)."""
 
-    kind: str = option("sparse", choices=("sparse", "hierarchical"),
-                       help="sparse codes or coarse-to-fine atoms")  # fmt: skip
+    kind: str = option(
+        "sparse", choices=("sparse", "hierarchical"), help="sparse codes or coarse-to-fine atoms"
+    )
     tiny: bool = option(False, help="tiny sizes (seconds; what the tests run): the defaults below change")
     d_in: int | None = option(None, help="data width (None: 32 sparse, 64 hierarchical; tiny 12 / 16)")
     n_atoms: int | None = option(None, help="sparse: number of true atoms (None: 64; tiny 16)")
     n_coarse: int | None = option(None, help="hierarchical: number of coarse atoms (None: 32; tiny 6)")
     n_fine: int | None = option(None, help="hierarchical: children per coarse atom (None: 4; tiny 2)")
-    true_k: int | None = option(None, help="active true atoms per row (sparse; None: 4, tiny 2) or active "
-                                "coarse atoms per row (hierarchical; None: 3, tiny 2)")  # fmt: skip
+    true_k: int | None = option(
+        None,
+        help="active true atoms per row (sparse; None: 4, tiny 2) or active "
+        "coarse atoms per row (hierarchical; None: 3, tiny 2)",
+    )
     quiet: bool = option(False, help="no progress bar")
 
 
@@ -85,11 +88,4 @@ def synthetic_config(argv: Sequence[str]) -> tuple[ReportConfig, SyntheticOption
 
 @one_line_errors("synthetic")
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, options = synthetic_config(argv)
-    # heavy: imported when the command runs, so --help stays instant
-    from sae_vision_ext.evals.report import run_report
-
-    path = run_report(cfg, command="sae-vision synthetic " + " ".join(argv), progress=not options.quiet)
-    print(f"wrote {path}")
-    return 0
+    return run_report_command("synthetic", argv, synthetic_config)

@@ -46,18 +46,27 @@ EPILOG = """examples:
 class DistributedTrainConfig:
     """The rows, the SAE, and SAELens's trainer settings (batch and row counts are global)."""
 
-    cached_activations_path: str = option(MISSING, "--cache", help="activation cache (`sae-vision cache`, "
-                                          "or any SAELens cached-activation folder), or a .pt / .npy [N, d] "
-                                          "tensor")  # fmt: skip
+    cached_activations_path: str = option(
+        MISSING,
+        "--cache",
+        help="activation cache (`sae-vision cache`, "
+        "or any SAELens cached-activation folder), or a .pt / .npy [N, d] "
+        "tensor",
+    )
     training_rows: int = option(MISSING, "--rows", help="GLOBAL number of rows to train on")
     hook_name: str | None = option(None, "--hook", help="column of the cache (None: its only column)")
     architecture: str = option("topk", help="registered SAELens / plugin training architecture")
-    sae: list[str] = option([], nargs="+", action="extend", required=False, metavar="KEY=VALUE",
-                            help="SAE config fields (values read as YAML), e.g. --sae k=32 "
-                            "normalize_activations=expected_average_only_in")  # fmt: skip
+    sae: list[str] = option(
+        [],
+        nargs="+",
+        action="extend",
+        required=False,
+        metavar="KEY=VALUE",
+        help="SAE config fields (values read as YAML), e.g. --sae k=32 "
+        "normalize_activations=expected_average_only_in",
+    )
     expansion: int | None = option(None, help="d_sae = expansion x d_in (None: 8; or --sae d_sae=N)")
-    train_batch_size_rows: int = option(4096, "--batch-size",
-                                        help="GLOBAL rows per step (k x world size)")  # fmt: skip
+    train_batch_size_rows: int = option(4096, "--batch-size", help="GLOBAL rows per step (k x world size)")
     lr: float = option(3e-4, help="learning rate")
     lr_scheduler_name: str = option("constant", help="SAELens lr scheduler (not constant: decays to lr / 10)")
     lr_decay_steps: int = option(0, help="decay steps")
@@ -71,8 +80,9 @@ class DistributedTrainConfig:
     seed: int = option(0, help="init seed (rank 0's init is broadcast anyway)")
     shuffle_seed: int | None = option(None, help="shuffle the rows per epoch (the same order on every rank)")
     dtype: str = option("float32", help="SAE dtype")
-    backend: str | None = option(None, choices=("gloo", "nccl"),
-                                 help="None: nccl if CUDA is available, else gloo")  # fmt: skip
+    backend: str | None = option(
+        None, choices=("gloo", "nccl"), help="None: nccl if CUDA is available, else gloo"
+    )
     quiet: bool = option(False, help="no progress bar")
 
 
@@ -85,21 +95,26 @@ def build_parser(argv: Sequence[str] = ()):
 def sae_config(cfg: DistributedTrainConfig, d_in: int, device: str) -> dict[str, Any]:
     """The training SAE's config: ``--architecture``, the ``--sae`` fields, ``d_sae`` from ``--expansion``."""
     sae, expansion = sae_section(cfg.architecture, cfg.sae, cfg.expansion)
-    return {"d_in": d_in, "d_sae": expansion * d_in, "dtype": cfg.dtype, "device": device,
-            "normalize_activations": "none", **sae}  # fmt: skip
+    return {
+        "d_in": d_in,
+        "d_sae": expansion * d_in,
+        "dtype": cfg.dtype,
+        "device": device,
+        "normalize_activations": "none",
+        **sae,
+    }
 
 
 def _load_rows(path: str, hook_name: str | None) -> Any:
     # heavy: imported when the command runs, so --help stays instant
+    import numpy as np
     import torch
 
-    from sae_vision_ext.training.distributed import CachedActivationRows
+    from sae_vision_ext.activations.rows import CachedActivationRows
 
     if not Path(path).exists():
         raise FileNotFoundError(f"no activation cache or row file at {path}")
     if path.endswith(".npy"):
-        import numpy as np
-
         return np.load(path, mmap_mode="r")
     if path.endswith(".pt"):
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -147,13 +162,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_batches_for_norm_estimate=cfg.n_batches_for_norm_estimate,
         )
         with trainer_progress_bar_off(cfg.quiet):
-            trainer = train_on_rows(sae, trainer_cfg, rows, context=context, shuffle_seed=cfg.shuffle_seed,
-                                    resume_from=cfg.resume_from_checkpoint)  # fmt: skip
+            trainer = train_on_rows(
+                sae,
+                trainer_cfg,
+                rows,
+                context=context,
+                shuffle_seed=cfg.shuffle_seed,
+                resume_from=cfg.resume_from_checkpoint,
+            )
         if context.is_main:
             if cfg.output_path:
                 trainer.sae.save_inference_model(cfg.output_path)
-            summary = {"world_size": context.world_size, "steps": trainer.n_training_steps,
-                       "samples": trainer.n_training_samples, "output": cfg.output_path}  # fmt: skip
+            summary = {
+                "world_size": context.world_size,
+                "steps": trainer.n_training_steps,
+                "samples": trainer.n_training_samples,
+                "output": cfg.output_path,
+            }
             print(json.dumps(summary))
         context.barrier()
     finally:

@@ -1,4 +1,5 @@
-"""Train several SAE families on the same rows and evaluate them the same way (used by ``report`` and ``synthetic``).
+"""Train several SAE families on the same rows and evaluate them the same way (used by ``report`` and
+``synthetic``).
 
 Families (``MethodSpec.family``):
 
@@ -13,8 +14,8 @@ Families (``MethodSpec.family``):
 ``topk_centroids``  SAELens TopK whose decoder starts at the same centroids as RA-SAE (stability control)
 ==================  =====================================================================================
 
-Every trained SAE is saved as a SAELens inference checkpoint and evaluated after loading it back, so the numbers
-describe exactly the weights on disk.
+Every trained SAE is saved as a SAELens inference checkpoint and evaluated after loading it back, so the
+numbers describe exactly the weights on disk.
 """
 
 from __future__ import annotations
@@ -25,7 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens import BatchTopKTrainingSAEConfig, StandardTrainingSAEConfig, TopKTrainingSAEConfig
 from torch import Tensor
+
+from sae_vision_ext.activations.rows import rows_from_array
+from sae_vision_ext.evals.dictionary import decoder_atoms, dictionary_report
+from sae_vision_ext.evals.reconstruction import evaluate_sae
+from sae_vision_ext.evals.representation import cknna, downstream_preservation
+from sae_vision_ext.evals.synthetic import identifiability
+from sae_vision_ext.evals.train import make_training_sae, to_inference_sae, train_in_memory
+from sae_vision_ext.saes.archetypal import (
+    ASAETrainingSAEConfig,
+    RASAETrainingSAEConfig,
+    init_decoder_from_candidates,
+)
+from sae_vision_ext.saes.matryoshka_topk import MatryoshkaTopKTrainingSAEConfig
+from sae_vision_ext.training.candidates import compute_candidates, load_candidates
 
 FAMILIES = ("topk", "batchtopk", "relu", "msae_uw", "msae_rw", "a_sae", "ra_sae", "topk_centroids")
 ARCHETYPAL_FAMILIES = ("a_sae", "ra_sae")
@@ -53,7 +69,8 @@ class MethodSpec:
 
 
 def msae_k_levels(d_sae: int, k_min: int) -> list[int]:
-    """The MSAE authors' schedule: ``k_min`` doubled until ``d_sae``, then ``d_sae`` itself (plain ReLU level)."""
+    """The MSAE authors' schedule: ``k_min`` doubled until ``d_sae``, then ``d_sae`` itself (plain ReLU
+    level)."""
     levels, k = [], k_min
     while k < d_sae:
         levels.append(k)
@@ -61,16 +78,10 @@ def msae_k_levels(d_sae: int, k_min: int) -> list[int]:
     return levels + [d_sae]
 
 
-def build_training_sae(spec: MethodSpec, d_in: int, d_sae: int, candidates_path: str | Path | None = None) -> Any:
+def build_training_sae(
+    spec: MethodSpec, d_in: int, d_sae: int, candidates_path: str | Path | None = None
+) -> Any:
     """A freshly initialised training SAE for ``spec`` (torch seeded with ``spec.seed``)."""
-    from sae_lens import (
-        BatchTopKTrainingSAEConfig,
-        StandardTrainingSAEConfig,
-        TopKTrainingSAEConfig,
-    )
-
-    from sae_vision_ext.evals.train import make_training_sae
-
     torch.manual_seed(spec.seed)
     family = spec.family
     if family in CENTROID_FAMILIES and candidates_path is None:
@@ -84,15 +95,13 @@ def build_training_sae(spec: MethodSpec, d_in: int, d_sae: int, candidates_path:
             StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=spec.l1_coefficient)
         )
     if family in ("msae_uw", "msae_rw"):
-        from sae_vision_ext.saes.matryoshka_topk import MatryoshkaTopKTrainingSAEConfig
-
         levels = spec.k_levels or msae_k_levels(d_sae, spec.k or 1)
         weighting = "uniform" if family == "msae_uw" else "reverse"
-        cfg = MatryoshkaTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k_levels=levels, level_weighting=weighting)
+        cfg = MatryoshkaTopKTrainingSAEConfig(
+            d_in=d_in, d_sae=d_sae, k_levels=levels, level_weighting=weighting
+        )
         return make_training_sae(cfg)
     if family in ARCHETYPAL_FAMILIES:
-        from sae_vision_ext.saes.archetypal import ASAETrainingSAEConfig, RASAETrainingSAEConfig
-
         if family == "a_sae":
             cfg = ASAETrainingSAEConfig(
                 d_in=d_in, d_sae=d_sae, k=spec.k, delta=0.0, candidates_path=str(candidates_path)
@@ -103,23 +112,20 @@ def build_training_sae(spec: MethodSpec, d_in: int, d_sae: int, candidates_path:
             )
         return make_training_sae(cfg)
     # topk_centroids: the control, a plain TopK whose decoder starts where RA-SAE's dictionary starts
-    from sae_vision_ext.saes.archetypal import init_decoder_from_candidates
-    from sae_vision_ext.training.candidates import load_candidates
-
     sae = make_training_sae(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=spec.k))
     init_decoder_from_candidates(sae, load_candidates(candidates_path))
     return sae
 
 
 def make_candidates(x: Tensor, n_candidates: int, seed: int, path: str | Path) -> Path:
-    """k-means candidates of ``x`` (the rows the SAE trains on) written to ``path`` (see ``training.candidates``)."""
-    from sae_vision_ext.training.candidates import compute_candidates, rows_from_array
-
+    """k-means candidates of ``x`` (the rows the SAE trains on) written to ``path`` (see
+    ``training.candidates``)."""
     path = Path(path)
     if not path.exists():
         n_candidates = min(n_candidates, x.shape[0])
-        candidates = compute_candidates(rows_from_array(x), n_candidates, seed=seed, sample_rows=x.shape[0],
-                                        progress=False)  # fmt: skip
+        candidates = compute_candidates(
+            rows_from_array(x), n_candidates, seed=seed, sample_rows=x.shape[0], progress=False
+        )
         candidates.save(path)
     return path
 
@@ -142,25 +148,33 @@ def train_method(
     batch_size: int,
     candidates_path: str | Path | None = None,
 ) -> TrainedSAE:
-    """Train ``spec`` on ``x_train`` with SAELens's trainer, save the inference SAE to ``out_dir/name``, load it."""
-    from sae_vision_ext.evals.train import to_inference_sae, train_in_memory
-
+    """Train ``spec`` on ``x_train`` with SAELens's trainer, save the inference SAE to ``out_dir/name``, load
+    it."""
     start = time.perf_counter()
     training_sae = build_training_sae(spec, x_train.shape[1], d_sae, candidates_path)
     training_sae = train_in_memory(
-        None, x_train, n_rows=n_train_rows, batch_size=batch_size, lr=spec.lr, seed=spec.seed, sae=training_sae
+        None,
+        x_train,
+        n_rows=n_train_rows,
+        batch_size=batch_size,
+        lr=spec.lr,
+        seed=spec.seed,
+        sae=training_sae,
     )
     seconds = time.perf_counter() - start
     folder = Path(out_dir) / spec.name
     sae = to_inference_sae(training_sae, folder)
-    return TrainedSAE(spec=spec, sae=sae, folder=folder, train_seconds=seconds,
-                      candidates_path=Path(candidates_path) if candidates_path else None)  # fmt: skip
+    return TrainedSAE(
+        spec=spec,
+        sae=sae,
+        folder=folder,
+        train_seconds=seconds,
+        candidates_path=Path(candidates_path) if candidates_path else None,
+    )
 
 
 def atoms_of(sae: Any) -> Tensor:
     """Decoder atoms ``[d_sae, d_in]`` of an inference SAE."""
-    from sae_vision_ext.evals.dictionary import decoder_atoms
-
     return decoder_atoms(sae).float()
 
 
@@ -183,18 +197,16 @@ def evaluate_all(
     ``zero_shot_head``; optional ``labels`` add accuracies), and with ``dictionary`` the decoder's coherence,
     stable rank, atom-to-data cosine distance and (given ``true_atoms``) identifiability.
     """
-    from sae_vision_ext.evals.dictionary import dictionary_report
-    from sae_vision_ext.evals.reconstruction import evaluate_sae
-    from sae_vision_ext.evals.representation import cknna, downstream_preservation
-    from sae_vision_ext.evals.synthetic import identifiability
-
     encode_kwargs = encode_kwargs or {}
     x = x.reshape(-1, x.shape[-1])
     metrics = evaluate_sae(sae, x.split(eval_batch_size), encode_kwargs=encode_kwargs, progress=False)
     parameter = next(sae.parameters())
     with torch.no_grad():
         recon = torch.cat(
-            [sae.decode(sae.encode(b.to(parameter), **encode_kwargs)).float().cpu() for b in x.split(eval_batch_size)]
+            [
+                sae.decode(sae.encode(b.to(parameter), **encode_kwargs)).float().cpu()
+                for b in x.split(eval_batch_size)
+            ]
         )
     sub = x[:cknna_rows]
     metrics["cknna"] = cknna(sub, recon[: sub.shape[0]], topk=min(cknna_topk, sub.shape[0] - 1))
@@ -219,16 +231,30 @@ def evaluate_trained(
     cknna_rows: int = 1000,
     cknna_topk: int = 10,
 ) -> list[dict[str, Any]]:
-    """One row of :func:`evaluate_all` metrics per inference k of ``trained`` (dictionary metrics computed once)."""
+    """One row of :func:`evaluate_all` metrics per inference k of ``trained`` (dictionary metrics computed
+    once)."""
     spec = trained.spec
     rows: list[dict[str, Any]] = []
     for k in spec.inference_ks:
         metrics = evaluate_all(
-            trained.sae, x_test, encode_kwargs={} if k is None else {"k": k}, head=head, labels=labels,
-            true_atoms=true_atoms, cknna_rows=cknna_rows, cknna_topk=cknna_topk, dictionary=not rows,
-        )  # fmt: skip
+            trained.sae,
+            x_test,
+            encode_kwargs={} if k is None else {"k": k},
+            head=head,
+            labels=labels,
+            true_atoms=true_atoms,
+            cknna_rows=cknna_rows,
+            cknna_topk=cknna_topk,
+            dictionary=not rows,
+        )
         if rows:
-            shared = ("coherence_max", "coherence_mean_max", "stable_rank", "atom_data_cosine_distance", "identifiability")
+            shared = (
+                "coherence_max",
+                "coherence_mean_max",
+                "stable_rank",
+                "atom_data_cosine_distance",
+                "identifiability",
+            )
             metrics.update({key: rows[0][key] for key in shared})
         msae_relu = k is None and spec.family.startswith("msae")
         rows.append(

@@ -1,11 +1,11 @@
 """Geometry of a learned dictionary ``D`` (``[n_atoms, d]``, one atom per row, e.g. an SAE's ``W_dec``).
 
-- Coherence: with unit atoms ``u_i = d_i / ||d_i||``, the mutual coherence is ``max_{i != j} |<u_i, u_j>|`` and the
-  mean coherence is ``mean_i max_{j != i} |<u_i, u_j>|`` (how redundant the typical atom is).
+- Coherence: with unit atoms ``u_i = d_i / ||d_i||``, the mutual coherence is ``max_{i != j} |<u_i, u_j>|``
+  and the mean coherence is ``mean_i max_{j != i} |<u_i, u_j>|`` (how redundant the typical atom is).
 - Stable rank: ``||D||_F^2 / ||D||_2^2 = sum_i s_i^2 / s_1^2`` (singular values ``s``); computed on the unit
   atoms by default, so it counts directions, not norms. Between 1 and ``min(n_atoms, d)``.
-- Distance of atoms from the data (the A-SAE paper's worry that unconstrained atoms leave the data): for each atom,
-  the cosine distance ``1 - max_n cos(d_i, x_n)`` to its closest data point, or the Euclidean distance
+- Distance of atoms from the data (the A-SAE paper's worry that unconstrained atoms leave the data): for each
+  atom, the cosine distance ``1 - max_n cos(d_i, x_n)`` to its closest data point, or the Euclidean distance
   ``min_n ||d_i - x_n||`` (scale-dependent; only meaningful when atoms live at the data's scale, e.g. A-SAE).
 """
 
@@ -19,7 +19,8 @@ from torch import Tensor
 
 
 def decoder_atoms(sae: Any) -> Tensor:
-    """The SAE's dictionary ``[d_sae, d_in]`` (``W_dec``, which archetypal SAEs expose as the fused ``W C + Lambda``)."""
+    """The SAE's dictionary ``[d_sae, d_in]`` (``W_dec``, which archetypal SAEs expose as the fused ``W C +
+    Lambda``)."""
     with torch.no_grad():
         return sae.W_dec.detach().clone()
 

@@ -1,35 +1,39 @@
 """Reconstruction and sparsity metrics for any SAELens SAE, as plain functions on tensors.
 
-Notation: ``x`` is a batch of activation rows ``[N, d]``, ``x_hat`` its reconstruction, ``z`` the latents
-``[N, d_sae]``.
+The streamed evaluation a training run also needs (``evaluate_sae``, ``ReconstructionAccumulator``,
+``per_sample_fvu``, ``dead_latents``) lives in :mod:`sae_vision_ext.training.metrics` and is re-exported here.
 
-- FVU over the dataset: ``sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mu||^2`` with ``mu`` the dataset mean row
-  (the fraction of variance unexplained of Gao et al.; explained variance / R^2 is ``1 - FVU``).
-- FVU per sample, as the MSAE paper measures it "per sample, over the embedding dimensions":
-  ``mean_n [ mean_d (x_hat_nd - x_nd)^2 / mean_d (x_nd - m_n)^2 ]`` where ``m_n = mean_d x_nd`` is the mean of that
-  sample's own coordinates (``center="sample"``, the default). ``center="none"`` divides by ``mean_d x_nd^2``
-  instead, the normalised MSE of the OpenAI / MSAE training code (identical on data centred per sample).
-- Cosine similarity: ``mean_n cos(x_n, x_hat_n)``.
-- L0: ``mean_n #{j : z_nj != 0}``; fraction of zeros: ``1 - L0 / d_sae`` (the MSAE paper's "L0").
-- Dead latents: a latent is dead when its firing frequency over the window of ``n_rows`` rows is below
-  ``threshold`` (MSAE: 10^-5.5), or when it never fired.
+Notation and definitions (FVU over the dataset and per sample, cosine, L0, dead latents): see
+:mod:`sae_vision_ext.training.metrics`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
-
 import torch
 from torch import Tensor
 
-DEAD_FREQUENCY_THRESHOLD = 10**-5.5
-_EPS = 1e-12
+from sae_vision_ext.training.metrics import (
+    DEAD_FREQUENCY_THRESHOLD,
+    EPS,
+    ReconstructionAccumulator,
+    dead_latents,
+    evaluate_sae,
+    flat_rows,
+    per_sample_fvu,
+)
 
-
-def _rows(t: Tensor) -> Tensor:
-    """Flatten leading dims so that ``t`` is ``[N, d]``."""
-    return t.reshape(-1, t.shape[-1])
+__all__ = [
+    "DEAD_FREQUENCY_THRESHOLD",
+    "ReconstructionAccumulator",
+    "cosine_similarity",
+    "dead_latents",
+    "evaluate_sae",
+    "explained_variance",
+    "fraction_zero",
+    "fvu",
+    "l0",
+    "per_sample_fvu",
+]
 
 
 def fvu(x: Tensor, x_hat: Tensor, per_sample: bool = False, center: str = "sample") -> float:
@@ -39,184 +43,30 @@ def fvu(x: Tensor, x_hat: Tensor, per_sample: bool = False, center: str = "sampl
     ``per_sample=True``: ``mean_n mean_d (x_hat - x)^2 / mean_d (x - m_n)^2`` with ``m_n`` the mean of row n's
     coordinates (``center="sample"``) or ``m_n = 0`` (``center="none"``).
     """
-    x, x_hat = _rows(x).double(), _rows(x_hat).double()
+    x, x_hat = flat_rows(x).double(), flat_rows(x_hat).double()
     if not per_sample:
         residual = (x - x_hat).pow(2).sum()
         total = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
-        return float(residual / total.clamp_min(_EPS))
+        return float(residual / total.clamp_min(EPS))
     return float(per_sample_fvu(x, x_hat, center=center).mean())
 
 
-def per_sample_fvu(x: Tensor, x_hat: Tensor, center: str = "sample") -> Tensor:
-    """Per-row FVU ``mean_d (x_hat - x)^2 / mean_d (x - m)^2`` (see :func:`fvu`); returns ``[N]``."""
-    x, x_hat = _rows(x).double(), _rows(x_hat).double()
-    if center == "sample":
-        denominator = (x - x.mean(dim=1, keepdim=True)).pow(2).mean(dim=1)
-    elif center == "none":
-        denominator = x.pow(2).mean(dim=1)
-    else:
-        raise ValueError(f"center must be 'sample' or 'none', got {center!r}")
-    return (x_hat - x).pow(2).mean(dim=1) / denominator.clamp_min(_EPS)
-
-
 def explained_variance(x: Tensor, x_hat: Tensor) -> float:
-    """Explained variance (R^2 of the A-SAE paper): ``1 - sum ||x - x_hat||^2 / sum ||x - mean_rows(x)||^2``."""
+    """Explained variance (R^2 of the A-SAE paper): ``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``."""
     return 1.0 - fvu(x, x_hat, per_sample=False)
 
 
 def cosine_similarity(x: Tensor, x_hat: Tensor) -> float:
     """Mean over rows of ``<x, x_hat> / (||x|| ||x_hat||)``."""
-    x, x_hat = _rows(x).double(), _rows(x_hat).double()
+    x, x_hat = flat_rows(x).double(), flat_rows(x_hat).double()
     return float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=1e-8).mean())
 
 
 def l0(z: Tensor) -> float:
     """Mean number of non-zero latents per row."""
-    return float((_rows(z) != 0).sum(dim=-1).double().mean())
+    return float((flat_rows(z) != 0).sum(dim=-1).double().mean())
 
 
 def fraction_zero(z: Tensor) -> float:
     """Mean fraction of latents that are exactly zero (the MSAE paper's "L0")."""
-    return float((_rows(z) == 0).double().mean())
-
-
-def dead_latents(fire_counts: Tensor, n_rows: int, threshold: float = DEAD_FREQUENCY_THRESHOLD) -> Tensor:
-    """Boolean mask of dead latents: ``fire_counts / n_rows < threshold`` or ``fire_counts == 0``.
-
-    ``n_rows`` is the window (number of rows over which ``fire_counts`` was accumulated).
-    """
-    if n_rows <= 0:
-        raise ValueError("n_rows must be positive")
-    fire_counts = torch.as_tensor(fire_counts)
-    frequency = fire_counts.double() / n_rows
-    return (frequency < threshold) | (fire_counts == 0)
-
-
-class ReconstructionAccumulator:
-    """Streams the sums needed by :func:`evaluate_sae`, one batch at a time, in float64.
-
-    The dataset-level denominator ``sum ||x - mu||^2`` is accumulated around a shift (the first batch's mean) to
-    avoid cancellation: ``sum ||x - mu||^2 = sum ||x - s||^2 - N ||mu - s||^2``.
-    """
-
-    def __init__(self, per_sample_center: str = "sample"):
-        self.per_sample_center = per_sample_center
-        self.n_rows = 0
-        self.sum_sq_error = 0.0
-        self.shift: Tensor | None = None
-        self.sum_shifted: Tensor | None = None
-        self.sum_sq_shifted = 0.0
-        self.sum_fvu_per_sample = 0.0
-        self.sum_cosine = 0.0
-        self.sum_l0 = 0.0
-        self.d_sae: int | None = None
-        self.fire_counts: Tensor | None = None
-
-    def update(self, x: Tensor, x_hat: Tensor, z: Tensor) -> None:
-        x, x_hat, z = _rows(x).double(), _rows(x_hat).double(), _rows(z)
-        n = x.shape[0]
-        if n == 0:
-            return
-        if self.shift is None:
-            self.shift = x.mean(dim=0)
-            self.sum_shifted = torch.zeros_like(self.shift)
-            self.d_sae = z.shape[-1]
-            self.fire_counts = torch.zeros(self.d_sae, dtype=torch.long)
-        shifted = x - self.shift
-        self.sum_shifted += shifted.sum(dim=0)
-        self.sum_sq_shifted += float(shifted.pow(2).sum())
-        self.sum_sq_error += float((x - x_hat).pow(2).sum())
-        self.sum_fvu_per_sample += float(per_sample_fvu(x, x_hat, center=self.per_sample_center).sum())
-        self.sum_cosine += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=1e-8).sum())
-        active = z != 0
-        self.sum_l0 += float(active.sum())
-        self.fire_counts += active.sum(dim=0).cpu().long()
-        self.n_rows += n
-
-    def total_sum_of_squares(self) -> float:
-        assert self.sum_shifted is not None
-        mean_shifted = self.sum_shifted / self.n_rows
-        return self.sum_sq_shifted - self.n_rows * float(mean_shifted.pow(2).sum())
-
-    def result(self, dead_threshold: float = DEAD_FREQUENCY_THRESHOLD) -> dict[str, Any]:
-        if self.n_rows == 0:
-            raise ValueError("no rows were evaluated")
-        assert self.fire_counts is not None and self.d_sae is not None
-        dataset_fvu = self.sum_sq_error / max(self.total_sum_of_squares(), _EPS)
-        mean_l0 = self.sum_l0 / self.n_rows
-        dead = dead_latents(self.fire_counts, self.n_rows, dead_threshold)
-        return {
-            "fvu": dataset_fvu,
-            "fvu_per_sample": self.sum_fvu_per_sample / self.n_rows,
-            "explained_variance": 1.0 - dataset_fvu,
-            "cosine": self.sum_cosine / self.n_rows,
-            "l0": mean_l0,
-            "fraction_zero": 1.0 - mean_l0 / self.d_sae,
-            "dead_fraction": float(dead.double().mean()),
-            "mse": self.sum_sq_error / (self.n_rows * self.shift.numel()),
-            "n_rows": self.n_rows,
-            "d_sae": self.d_sae,
-        }
-
-
-def _known_rows(batches: Iterable[Tensor], max_rows: int | None) -> int | None:
-    """Rows in ``batches`` when it is a list or tuple of tensors (else None), capped at ``max_rows``."""
-    total = None
-    if isinstance(batches, (list, tuple)) and all(isinstance(b, Tensor) for b in batches):
-        total = sum(b.shape[:-1].numel() for b in batches)
-    if max_rows is not None:
-        total = max_rows if total is None else min(total, max_rows)
-    return total
-
-
-def _sae_device_dtype(sae: Any) -> tuple[torch.device, torch.dtype]:
-    try:
-        parameter = next(sae.parameters())
-        return parameter.device, parameter.dtype
-    except (StopIteration, AttributeError):
-        return torch.device("cpu"), torch.float32
-
-
-def evaluate_sae(
-    sae: Any,
-    batches: Iterable[Tensor],
-    encode_kwargs: dict[str, Any] | None = None,
-    max_rows: int | None = None,
-    dead_threshold: float = DEAD_FREQUENCY_THRESHOLD,
-    per_sample_center: str = "sample",
-    encode: Callable[[Tensor], Tensor] | None = None,
-    return_fire_counts: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Stream ``batches`` (each ``[B, d]`` or ``[..., d]``) through ``sae.encode`` / ``sae.decode`` under no_grad.
-
-    Returns ``fvu`` (dataset), ``fvu_per_sample`` (MSAE), ``explained_variance`` (1 - fvu), ``cosine``, ``l0``,
-    ``fraction_zero``, ``dead_fraction`` (firing frequency < ``dead_threshold`` over the rows seen), plus ``mse``,
-    ``n_rows`` and ``d_sae``. ``encode_kwargs`` go to ``sae.encode`` (e.g. ``{"k": 32}`` for the Matryoshka SAE);
-    ``encode`` replaces ``sae.encode`` entirely. ``max_rows`` stops after that many rows. ``progress`` shows a
-    tqdm bar (rows/s) on stderr; nested under another bar (a training run, a report) it is cleared when done.
-    """
-    from tqdm.auto import tqdm
-
-    device, dtype = _sae_device_dtype(sae)
-    encode_kwargs = encode_kwargs or {}
-    encode_fn = encode if encode is not None else (lambda rows: sae.encode(rows, **encode_kwargs))
-    accumulator = ReconstructionAccumulator(per_sample_center=per_sample_center)
-    bar = tqdm(total=_known_rows(batches, max_rows), unit="rows", unit_scale=True, desc="evaluating SAE",
-               disable=not progress, leave=None, dynamic_ncols=True)  # fmt: skip
-    with torch.no_grad(), bar:
-        for batch in batches:
-            rows = _rows(torch.as_tensor(batch)).to(device=device, dtype=dtype)
-            if max_rows is not None:
-                remaining = max_rows - accumulator.n_rows
-                if remaining <= 0:
-                    break
-                rows = rows[:remaining]
-            z = encode_fn(rows)
-            x_hat = sae.decode(z)
-            accumulator.update(rows, x_hat, z)
-            bar.update(rows.shape[0])
-    result = accumulator.result(dead_threshold)
-    if return_fire_counts:
-        result["fire_counts"] = accumulator.fire_counts
-    return result
+    return float((flat_rows(z) == 0).double().mean())

@@ -1,22 +1,24 @@
-"""Comparison report: train SAELens TopK / BatchTopK / ReLU, MSAE (uniform, reverse), A-SAE and RA-SAE on the same
-activation rows, then write tables (markdown + JSON) and plots (PNG) into one folder.
+"""Comparison report: train SAELens TopK / BatchTopK / ReLU, MSAE (uniform, reverse), A-SAE and RA-SAE on the
+same activation rows, then write tables (markdown + JSON) and plots (PNG) into one folder.
 
 Protocol
-  - Data: ``--data`` is synthetic hierarchical data (default), synthetic sparse data, or a file / cached-activation
-    folder (see ``sae_vision_ext.evals.data``). Rows are split into train / test (last ``test_fraction``).
-  - Preprocessing (default on): ``x' = (x - mu) * s`` with ``mu`` the training mean and ``s = sqrt(d) / E||x - mu||``
-    (the MSAE paper's target ``E||x'|| = sqrt(d)``). Every method sees the same ``x'``; the data are centred, as a
-    fair stability measurement needs.
-  - Every SAE is trained with SAELens's ``SAETrainer`` for the same number of rows, saved as a SAELens checkpoint
-    under ``<out>/saes/`` and evaluated after loading it back, on the test rows: reconstruction (FVU, per-sample
-    FVU, explained variance, cosine, L0, fraction of zeros, dead latents), CKNNA(original, reconstruction),
-    downstream preservation of a linear probe (KL, agreement), dictionary coherence, stable rank, cosine distance
-    of atoms from the data and, on synthetic data, identifiability against the true atoms.
+  - Data: ``--data`` is synthetic hierarchical data (default), synthetic sparse data, or a file /
+    cached-activation folder (see ``sae_vision_ext.evals.data``). Rows are split into train / test (last
+    ``test_fraction``).
+  - Preprocessing (default on): ``x' = (x - mu) * s`` with ``mu`` the training mean and ``s = sqrt(d) / E||x -
+    mu||`` (the MSAE paper's target ``E||x'|| = sqrt(d)``). Every method sees the same ``x'``; the data are
+    centred, as a fair stability measurement needs.
+  - Every SAE is trained with SAELens's ``SAETrainer`` for the same number of rows, saved as a SAELens
+    checkpoint under ``<out>/saes/`` and evaluated after loading it back, on the test rows: reconstruction
+    (FVU, per-sample FVU, explained variance, cosine, L0, fraction of zeros, dead latents), CKNNA(original,
+    reconstruction), downstream preservation of a linear probe (KL, agreement), dictionary coherence, stable
+    rank, cosine distance of atoms from the data and, on synthetic data, identifiability against the true
+    atoms.
   - MSAE is evaluated at many inference k (TopK of its ReLU latents) and with ReLU only.
-  - Stability (mean Hungarian-matched |cosine| between the dictionaries of pairs of runs, averaged over pairs):
-    TopK with different init seeds; RA-SAE with different k-means seeds (fair); a TopK SAE initialised from the
-    same centroids as RA-SAE (the control); and, for reference, RA-SAE and TopK started from ONE shared set of
-    centroids (the original paper's protocol, which inflates stability).
+  - Stability (mean Hungarian-matched |cosine| between the dictionaries of pairs of runs, averaged over
+    pairs): TopK with different init seeds; RA-SAE with different k-means seeds (fair); a TopK SAE initialised
+    from the same centroids as RA-SAE (the control); and, for reference, RA-SAE and TopK started from ONE
+    shared set of centroids (the original paper's protocol, which inflates stability).
 """
 
 from __future__ import annotations
@@ -31,22 +33,33 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import sae_lens
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from sae_vision_ext.evals.compare import MethodSpec, msae_k_levels
+from sae_vision_ext import __version__
+from sae_vision_ext.activations.rows import rows_from_array
+from sae_vision_ext.evals.compare import (
+    CENTROID_FAMILIES,
+    MethodSpec,
+    atoms_of,
+    evaluate_trained,
+    make_candidates,
+    msae_k_levels,
+    spec_dict,
+    train_method,
+)
+from sae_vision_ext.evals.data import load_rows
+from sae_vision_ext.evals.plots import plot_fvu_vs_l0, plot_stability
 from sae_vision_ext.evals.report_config import ReportConfig
-
-MAIN_COLUMNS = [
-    ("method", "method"), ("k_inference", "k"), ("l0", "L0"), ("fraction_zero", "frac. zero"), ("fvu", "FVU"),
-    ("fvu_per_sample", "FVU/sample"), ("explained_variance", "EV"), ("cosine", "cos"), ("dead_fraction", "dead"),
-    ("cknna", "CKNNA"), ("downstream_kl", "probe KL"), ("downstream_agreement", "probe agr."),
-    ("coherence_mean_max", "coherence"), ("stable_rank", "stable rank"),
-    ("atom_data_cosine_distance", "atom-data dist."), ("identifiability", "identif."), ("train_seconds", "train s"),
-]  # fmt: skip
+from sae_vision_ext.evals.report_markdown import report_markdown
+from sae_vision_ext.evals.representation import fit_linear_probe
+from sae_vision_ext.evals.stability import stability
+from sae_vision_ext.evals.synthetic import identifiability, random_unit_atoms
+from sae_vision_ext.training.candidates import compute_candidates
 
 
-# --------------------------------------------------------------------------------------------------- helpers
 def _standardize(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
     mu = x_train.mean(dim=0)
     scale = math.sqrt(x_train.shape[1]) / float((x_train - mu).norm(dim=1).mean())
@@ -60,84 +73,33 @@ def _labels_for(rows: Any, x_train: Tensor, x_test: Tensor, cfg: ReportConfig) -
         codes = rows.synthetic.codes
         if rows.synthetic.parents is not None:
             codes = codes[:, rows.synthetic.parents < 0]
-        return codes.argmax(dim=1), "ground truth: the strongest coarse atom" if rows.synthetic.parents is not None \
-            else "ground truth: the strongest atom"  # fmt: skip
+        return (
+            codes.argmax(dim=1),
+            "ground truth: the strongest coarse atom"
+            if rows.synthetic.parents is not None
+            else "ground truth: the strongest atom",
+        )
     if cfg.labels is not None:
         labels = torch.as_tensor(torch.load(cfg.labels, weights_only=True)).long().reshape(-1)
         return labels[: n_train + x_test.shape[0]], f"labels from {Path(cfg.labels).resolve()}"
-    from sae_vision_ext.training.candidates import compute_candidates, rows_from_array
-
-    centroids = compute_candidates(rows_from_array(x_train), cfg.n_probe_classes, seed=cfg.seed,
-                                   progress=False).candidates  # fmt: skip
+    centroids = compute_candidates(
+        rows_from_array(x_train), cfg.n_probe_classes, seed=cfg.seed, progress=False
+    ).candidates
     x_all = torch.cat([x_train, x_test])
     return torch.cdist(x_all, centroids).argmin(dim=1), f"k-means pseudo-classes ({cfg.n_probe_classes})"
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """Markdown table of ``rows`` with ``(key, header)`` columns; missing values print as ``-``."""
-    header = "| " + " | ".join(title for _, title in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_fmt(row.get(key)) for key, _ in columns) + " |" for row in rows]
-    return "\n".join([header, rule, *body])
-
-
-def plot_fvu_vs_l0(rows: list[dict[str, Any]], path: Path) -> Path:
-    """FVU against L0 (log-log): one line per family with several points, single markers otherwise."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        label = row["family"] if row["family"] == "topk" else row["method"]
-        groups.setdefault(label, []).append(row)
-    for label, group in groups.items():
-        group = sorted(group, key=lambda r: r["l0"])
-        xs = [max(r["l0"], 1e-3) for r in group]
-        ys = [max(r["fvu"], 1e-6) for r in group]
-        ax.plot(xs, ys, marker="o", linestyle="-" if len(group) > 1 else "none", label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("L0 (mean active latents per row)")
-    ax.set_ylabel("FVU (test rows)")
-    ax.set_title("Reconstruction against sparsity")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_stability(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [r["protocol"] for r in rows]
-    ax.barh(range(len(rows)), [r["stability"] for r in rows], color="tab:blue")
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("stability (mean matched |cos| between runs)")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def _fvu_points(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The report's rows as points of :func:`plot_fvu_vs_l0`: one line for the TopK SAEs, one per other
+    method."""
+    return [
+        {
+            "group": row["family"] if row["family"] == "topk" else row["method"],
+            "l0": row["l0"],
+            "fvu": row["fvu"],
+        }
+        for row in results
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- runner
@@ -151,8 +113,6 @@ class _Runner:
         self.candidates: dict[int, Path] = {}
 
     def candidates_for(self, kmeans_seed: int) -> Path:
-        from sae_vision_ext.evals.compare import make_candidates
-
         if kmeans_seed not in self.candidates:
             path = self.out / "candidates" / f"kmeans_seed{kmeans_seed}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,8 +121,6 @@ class _Runner:
         return self.candidates[kmeans_seed]
 
     def train(self, spec: MethodSpec) -> Any:
-        from sae_vision_ext.evals.compare import CENTROID_FAMILIES, train_method
-
         if spec.name not in self.trained:
             candidates = self.candidates_for(spec.kmeans_seed) if spec.family in CENTROID_FAMILIES else None
             if self.bar is not None and not self.bar.disable:
@@ -170,9 +128,14 @@ class _Runner:
             else:
                 print(f"[report] training {spec.name}", file=sys.stderr, flush=True)
             self.trained[spec.name] = train_method(
-                spec, self.x_train, self.cfg.d_sae, self.out / "saes", self.cfg.n_train_rows,
-                self.cfg.batch_size, candidates_path=candidates,
-            )  # fmt: skip
+                spec,
+                self.x_train,
+                self.cfg.d_sae,
+                self.out / "saes",
+                self.cfg.n_train_rows,
+                self.cfg.batch_size,
+                candidates_path=candidates,
+            )
         return self.trained[spec.name]
 
 
@@ -184,8 +147,16 @@ def _spec(cfg: ReportConfig, family: str, k: int | None, seed: int = 0, kmeans_s
         name += f"_seed{seed}"
     if kmeans_seed:
         name += f"_kmeans{kmeans_seed}"
-    spec = MethodSpec(name=name, family=family, k=k, lr=cfg.lr, seed=seed, kmeans_seed=kmeans_seed,
-                      l1_coefficient=cfg.relu_l1, delta=cfg.delta)  # fmt: skip
+    spec = MethodSpec(
+        name=name,
+        family=family,
+        k=k,
+        lr=cfg.lr,
+        seed=seed,
+        kmeans_seed=kmeans_seed,
+        l1_coefficient=cfg.relu_l1,
+        delta=cfg.delta,
+    )
     if family in ("msae_uw", "msae_rw"):
         spec.k_levels = msae_k_levels(cfg.d_sae, cfg.msae_k_min)
         spec.inference_ks = [k for k in cfg.inference_ks if k <= cfg.d_sae] + [None]
@@ -211,34 +182,51 @@ def stability_protocols(cfg: ReportConfig) -> list[tuple[str, list[MethodSpec]]]
     k = cfg.k
     return [
         ("TopK, random init, init seed varies", [_spec(cfg, "topk", k, seed=s) for s in seeds]),
-        ("RA-SAE, k-means seed varies (fair)", [_spec(cfg, "ra_sae", k, seed=s, kmeans_seed=s) for s in seeds]),
-        ("TopK from the same centroids as RA-SAE, k-means seed varies (control)",
-         [_spec(cfg, "topk_centroids", k, seed=s, kmeans_seed=s) for s in seeds]),
-        ("RA-SAE, one shared set of centroids (paper protocol)", [_spec(cfg, "ra_sae", k, seed=s) for s in seeds]),
-        ("TopK from one shared set of centroids (control)", [_spec(cfg, "topk_centroids", k, seed=s) for s in seeds]),
-    ]  # fmt: skip
+        (
+            "RA-SAE, k-means seed varies (fair)",
+            [_spec(cfg, "ra_sae", k, seed=s, kmeans_seed=s) for s in seeds],
+        ),
+        (
+            "TopK from the same centroids as RA-SAE, k-means seed varies (control)",
+            [_spec(cfg, "topk_centroids", k, seed=s, kmeans_seed=s) for s in seeds],
+        ),
+        (
+            "RA-SAE, one shared set of centroids (paper protocol)",
+            [_spec(cfg, "ra_sae", k, seed=s) for s in seeds],
+        ),
+        (
+            "TopK from one shared set of centroids (control)",
+            [_spec(cfg, "topk_centroids", k, seed=s) for s in seeds],
+        ),
+    ]
 
 
 def _pairwise_stability(trained: list[Any]) -> tuple[float, list[float]]:
-    from sae_vision_ext.evals.compare import atoms_of
-    from sae_vision_ext.evals.stability import stability
-
     values = [stability(atoms_of(a.sae), atoms_of(b.sae)) for a, b in itertools.combinations(trained, 2)]
     return sum(values) / len(values), values
 
 
 def _identifiability_rows(results: list[dict[str, Any]], true_atoms: Tensor, cfg: ReportConfig) -> list[dict]:
-    """Identifiability of each trained SAE, with a perfect (permuted true) and a random dictionary as baselines."""
-    from sae_vision_ext.evals.synthetic import identifiability, random_unit_atoms
-
+    """Identifiability of each trained SAE, with a perfect (permuted true) and a random dictionary as
+    baselines."""
     generator = torch.Generator().manual_seed(cfg.seed + 12345)
     n_true = true_atoms.shape[0]
-    rows = [{"method": "true atoms, permuted (baseline)", "identifiability":
-             identifiability(true_atoms[torch.randperm(n_true, generator=generator)], true_atoms)}]  # fmt: skip
+    rows = [
+        {
+            "method": "true atoms, permuted (baseline)",
+            "identifiability": identifiability(
+                true_atoms[torch.randperm(n_true, generator=generator)], true_atoms
+            ),
+        }
+    ]
     if cfg.d_sae >= n_true:
         random_atoms = random_unit_atoms(cfg.d_sae, true_atoms.shape[1], generator)
-        rows.append({"method": f"random unit atoms, {cfg.d_sae} (baseline)",
-                     "identifiability": identifiability(random_atoms, true_atoms)})  # fmt: skip
+        rows.append(
+            {
+                "method": f"random unit atoms, {cfg.d_sae} (baseline)",
+                "identifiability": identifiability(random_atoms, true_atoms),
+            }
+        )
     seen = set()
     for row in results:
         if row["method"] not in seen and row["identifiability"] is not None:
@@ -248,7 +236,8 @@ def _identifiability_rows(results: list[dict[str, Any]], true_atoms: Tensor, cfg
 
 
 def report_steps(cfg: ReportConfig) -> int:
-    """Steps of :func:`run_report`'s progress bar: data, one per main method, one per stability protocol, output."""
+    """Steps of :func:`run_report`'s progress bar: data, one per main method, one per stability protocol,
+    output."""
     n_stability = len(stability_protocols(cfg)) if cfg.stability and cfg.stability_seeds >= 2 else 0
     return 2 + len(main_specs(cfg)) + n_stability
 
@@ -256,30 +245,34 @@ def report_steps(cfg: ReportConfig) -> int:
 def run_report(cfg: ReportConfig, command: str | None = None, progress: bool = True) -> Path:
     """Run the whole comparison and write ``results.md``, ``results.json`` and the PNG plots into ``cfg.out``.
 
-    ``progress`` shows a tqdm bar on stderr over the report's steps (:func:`report_steps`), the run being trained
-    in its postfix; without it each training prints one ``[report] training NAME`` line.
+    ``progress`` shows a tqdm bar on stderr over the report's steps (:func:`report_steps`), the run being
+    trained in its postfix; without it each training prints one ``[report] training NAME`` line.
     """
-    import sae_lens
-    from tqdm.auto import tqdm
-
-    import sae_vision_ext
-    from sae_vision_ext.evals.compare import evaluate_trained, spec_dict
-    from sae_vision_ext.evals.data import load_rows
-    from sae_vision_ext.evals.representation import fit_linear_probe
-
     started = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    bar = tqdm(total=report_steps(cfg), unit="step", desc="report: data and probe", disable=not progress,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=report_steps(cfg),
+        unit="step",
+        desc="report: data and probe",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
 
-    rows = load_rows(cfg.data, key=cfg.key, max_rows=cfg.max_rows, seed=cfg.seed,
-                     synthetic_kwargs=cfg.synthetic_kwargs if cfg.data.startswith("synthetic") else None)  # fmt: skip
+    rows = load_rows(
+        cfg.data,
+        key=cfg.key,
+        max_rows=cfg.max_rows,
+        seed=cfg.seed,
+        synthetic_kwargs=cfg.synthetic_kwargs if cfg.data.startswith("synthetic") else None,
+    )
     x = rows.x.float()
     n_test = max(cfg.cknna_rows // 2, int(cfg.test_fraction * x.shape[0]))
     if x.shape[0] - n_test < cfg.batch_size:
-        raise ValueError(f"{x.shape[0]} rows are too few for a test split of {n_test} and batch {cfg.batch_size}")
+        raise ValueError(
+            f"{x.shape[0]} rows are too few for a test split of {n_test} and batch {cfg.batch_size}"
+        )
     x_train, x_test = x[:-n_test], x[-n_test:]
     preprocessing = {"standardize": cfg.standardize}
     if cfg.standardize:
@@ -289,7 +282,7 @@ def run_report(cfg: ReportConfig, command: str | None = None, progress: bool = T
 
     labels, labels_description = _labels_for(rows, x_train, x_test, cfg)
     labels_train, labels_test = labels[: x_train.shape[0]], labels[x_train.shape[0] :]
-    probe = fit_linear_probe(x_train[:20000], labels_train[:20000], seed=cfg.seed)
+    probe = fit_linear_probe(x_train[:20000], labels_train[:20000])
     bar.update()
 
     runner = _Runner(cfg, x_train, out, bar=bar)
@@ -298,9 +291,15 @@ def run_report(cfg: ReportConfig, command: str | None = None, progress: bool = T
     for spec in main_specs(cfg):
         trained = runner.train(spec)
         results.extend(
-            evaluate_trained(trained, x_test, head=probe, labels=labels_test, true_atoms=true_atoms,
-                             cknna_rows=cfg.cknna_rows)
-        )  # fmt: skip
+            evaluate_trained(
+                trained,
+                x_test,
+                head=probe,
+                labels=labels_test,
+                true_atoms=true_atoms,
+                cknna_rows=cfg.cknna_rows,
+            )
+        )
         bar.update()
 
     stability_rows: list[dict[str, Any]] = []
@@ -309,8 +308,14 @@ def run_report(cfg: ReportConfig, command: str | None = None, progress: bool = T
         for protocol, specs in stability_protocols(cfg):
             trained = [runner.train(spec) for spec in specs]
             mean, values = _pairwise_stability(trained)
-            stability_rows.append({"protocol": protocol, "stability": mean, "pairs": values,
-                                   "runs": [t.spec.name for t in trained]})  # fmt: skip
+            stability_rows.append(
+                {
+                    "protocol": protocol,
+                    "stability": mean,
+                    "pairs": values,
+                    "runs": [t.spec.name for t in trained],
+                }
+            )
             bar.update()
     bar.set_description("report: tables and plots")
     bar.set_postfix_str("")
@@ -328,23 +333,40 @@ def run_report(cfg: ReportConfig, command: str | None = None, progress: bool = T
 
     identifiability_rows = _identifiability_rows(results, true_atoms, cfg) if true_atoms is not None else []
 
-    fvu_plot = plot_fvu_vs_l0(results, out / "fvu_vs_l0.png")
-    stability_plot = plot_stability(stability_rows, out / "stability.png") if stability_rows else None
+    fvu_plot = out / "fvu_vs_l0.png"
+    plot_fvu_vs_l0(_fvu_points(results), fvu_plot, log_fvu=True, fvu_label="FVU (test rows)")
+    stability_plot = out / "stability.png" if stability_rows else None
+    if stability_plot is not None:
+        plot_stability(stability_rows, stability_plot)
     elapsed = time.perf_counter() - started
     weights = [
-        {"name": t.spec.name, "folder": str(t.folder), "architecture": t.sae.cfg.architecture(),
-         "candidates": str(t.candidates_path) if t.candidates_path else None, "spec": spec_dict(t.spec)}
+        {
+            "name": t.spec.name,
+            "folder": str(t.folder),
+            "architecture": t.sae.cfg.architecture(),
+            "candidates": str(t.candidates_path) if t.candidates_path else None,
+            "spec": spec_dict(t.spec),
+        }
         for t in runner.trained.values()
-    ]  # fmt: skip
+    ]
     payload = {
         "command": command,
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "versions": {"sae_vision_ext": sae_vision_ext.__version__, "sae_lens": sae_lens.__version__,
-                     "torch": torch.__version__},  # fmt: skip
+        "versions": {
+            "sae_vision_ext": __version__,
+            "sae_lens": sae_lens.__version__,
+            "torch": torch.__version__,
+        },
         "config": asdict(cfg),
-        "data": {"source": cfg.data, "description": rows.description, "n_train": x_train.shape[0],
-                 "n_test": x_test.shape[0], "d_in": x.shape[1], "preprocessing": preprocessing,
-                 "probe_labels": labels_description},  # fmt: skip
+        "data": {
+            "source": cfg.data,
+            "description": rows.description,
+            "n_train": x_train.shape[0],
+            "n_test": x_test.shape[0],
+            "d_in": x.shape[1],
+            "preprocessing": preprocessing,
+            "probe_labels": labels_description,
+        },
         "weights": weights,
         "results": results,
         "fvu_at_matched_k": matched,
@@ -353,94 +375,7 @@ def run_report(cfg: ReportConfig, command: str | None = None, progress: bool = T
         "seconds": elapsed,
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
-    (out / "results.md").write_text(_markdown(payload, fvu_plot, stability_plot))
+    (out / "results.md").write_text(report_markdown(payload, fvu_plot, stability_plot))
     bar.update()
     bar.close()
     return out / "results.md"
-
-
-def _markdown(payload: dict[str, Any], fvu_plot: Path, stability_plot: Path | None) -> str:
-    data, cfg = payload["data"], payload["config"]
-    pre = data["preprocessing"]
-    lines = [
-        "# SAE comparison report",
-        "",
-        f"Generated {payload['date']} in {payload['seconds']:.0f} s with sae-vision-ext "
-        f"{payload['versions']['sae_vision_ext']}, SAELens {payload['versions']['sae_lens']}, "
-        f"torch {payload['versions']['torch']}.",
-    ]
-    if payload["command"]:
-        lines += ["", f"Command: `{payload['command']}`"]
-    lines += [
-        "",
-        "## Data",
-        "",
-        f"- Source: {data['description']}",
-        f"- Rows: {data['n_train']} for training, {data['n_test']} held out for every metric below; d_in = {data['d_in']}.",
-        "- Preprocessing: " + (
-            f"centred on the training mean (norm {pre['mean_norm']:.4g}) and scaled by {pre['scale']:.4g} so that "
-            f"E||x|| = sqrt(d)." if pre["standardize"] else "none (raw rows; the data are NOT centred)."
-        ),
-        f"- Downstream probe: a linear probe trained on the original training rows; labels = {data['probe_labels']}.",
-        "",
-        "## Weights",
-        "",
-        f"Every SAE below was trained here (SAELens `SAETrainer`, {cfg['n_train_rows']} rows, batch "
-        f"{cfg['batch_size']}, lr {cfg['lr']} constant then linear decay over the last 20%, d_sae = {cfg['d_sae']}) "
-        "and saved as a SAELens checkpoint; the metrics come from the checkpoint loaded back.",
-        "",
-        markdown_table(
-            [{"name": w["name"], "architecture": w["architecture"], "k": w["spec"]["k"], "seed": w["spec"]["seed"],
-              "kmeans": w["spec"]["kmeans_seed"] if w["candidates"] else None, "folder": w["folder"],
-              "levels": w["spec"]["k_levels"]} for w in payload["weights"]],
-            [("name", "run"), ("architecture", "architecture"), ("k", "k"), ("levels", "MSAE k levels"),
-             ("seed", "init seed"), ("kmeans", "k-means seed"), ("folder", "checkpoint")],
-        ),
-        "",
-        "## Reconstruction, sparsity and preservation (test rows)",
-        "",
-        "FVU = sum||x - x_hat||^2 / sum||x - mean||^2; FVU/sample = mean over rows of mean_d (x_hat - x)^2 / "
-        "mean_d (x - mean_d x)^2 (each row centred on its own mean); EV = 1 - FVU; L0 = mean active latents; "
-        "dead = fraction of latents firing on fewer than 10^-5.5 of the test rows; CKNNA (top-10 mutual neighbours) "
-        "between original and reconstructed rows; probe KL (nats) and agreement of the linear probe on the "
-        "reconstruction vs the original; coherence = mean over atoms of the largest |cos| with another atom; "
-        "atom-data dist. = mean over atoms of 1 - max cos with a test row. MSAE rows at k = relu use ReLU latents only. "
-        "train s = wall-clock training time, which depends on the machine's load as much as on the method.",
-        "",
-        markdown_table(payload["results"], MAIN_COLUMNS),
-        "",
-        f"![FVU against L0]({fvu_plot.name})",
-        "",
-        "## FVU at matched k",
-        "",
-        "TopK trained at each k against ONE Matryoshka SAE evaluated at that inference k.",
-        "",
-        markdown_table(payload["fvu_at_matched_k"], [("k", "k"), ("topk", "TopK (trained at k)"),
-                                                     ("msae_uw", "MSAE UW"), ("msae_rw", "MSAE RW")]),
-    ]  # fmt: skip
-    if payload["identifiability"]:
-        lines += [
-            "",
-            "## Identifiability (synthetic data, known atoms)",
-            "",
-            "Mean cosine between each true atom and its Hungarian-matched decoder atom (signs count: codes are "
-            "non-negative). The SAE's atoms are compared after the preprocessing, which only shifts and scales rows, "
-            "so the true directions are unchanged.",
-            "",
-            markdown_table(payload["identifiability"], [("method", "dictionary"), ("identifiability", "identif.")]),
-        ]
-    if payload["stability"]:
-        lines += [
-            "",
-            "## Stability across runs",
-            "",
-            f"Mean over pairs of runs of the mean Hungarian-matched |cosine| between decoder atoms, k = {cfg['k']}, "
-            f"{cfg['stability_seeds']} runs each, on the same (centred) training rows. Only the first two protocols "
-            "and the control are a fair comparison; the shared-centroid rows repeat the original paper's protocol.",
-            "",
-            markdown_table(payload["stability"], [("protocol", "protocol"), ("stability", "stability"),
-                                                  ("runs", "runs")]),
-            "",
-            f"![stability]({stability_plot.name})" if stability_plot else "",
-        ]  # fmt: skip
-    return "\n".join(lines) + "\n"

@@ -21,24 +21,31 @@ REPORT_FAMILIES = ("topk", "batchtopk", "relu", "msae_uw", "msae_rw", "a_sae", "
 class ReportConfig:
     """Sizes and settings of a report run: the defaults are the full-size synthetic run, ``tiny()`` tests."""
 
-    out: str = option("sae_report", "--output", required=True,
-                      help="output folder (results.md, results.json, PNGs, saes/)")  # fmt: skip
-    data: str = option("synthetic-hierarchical", help="synthetic-hierarchical, synthetic-sparse, or a "
-                       ".pt/.npy/.safetensors file or cached-activation folder")  # fmt: skip
+    out: str = option(
+        "sae_report", "--output", required=True, help="output folder (results.md, results.json, PNGs, saes/)"
+    )
+    data: str = option(
+        "synthetic-hierarchical",
+        help="synthetic-hierarchical, synthetic-sparse, or a "
+        ".pt/.npy/.safetensors file or cached-activation folder",
+    )
     key: str | None = option(None, help="tensor key or dataset column (hook name) inside --data")
     max_rows: int | None = option(32768, help="use at most this many rows of --data (synthetic: rows made)")
-    synthetic_kwargs: dict = option(dict(d_in=64, n_coarse=32, n_fine=4, k_coarse=3, noise_std=0.01),
-                                    cmd=False)  # fmt: skip
+    synthetic_kwargs: dict = option(
+        dict(d_in=64, n_coarse=32, n_fine=4, k_coarse=3, noise_std=0.01), cmd=False
+    )
     labels: str | None = option(None, help=".pt tensor of class labels for the downstream probe")
     test_fraction: float = option(0.125, help="held-out fraction of the rows (the last ones)")
-    standardize: bool = option(True, negative_option="--no-standardize",
-                               help="centre and scale the rows (or train on raw rows)")  # fmt: skip
+    standardize: bool = option(
+        True, negative_option="--no-standardize", help="centre and scale the rows (or train on raw rows)"
+    )
     d_sae: int = option(256, help="latents of every SAE")
     topk_ks: list[int] = option([3, 6, 12, 24], metavar="K", help="k values of the TopK SAEs")
     k: int = option(6, help="k of BatchTopK, A-SAE, RA-SAE and the stability runs")
     msae_k_min: int = option(3, help="first MSAE level (then doubled up to d_sae)")
-    inference_ks: list[int] = option([1, 2, 3, 6, 12, 24, 48, 96], metavar="K",
-                                     help="inference k values of the MSAE")  # fmt: skip
+    inference_ks: list[int] = option(
+        [1, 2, 3, 6, 12, 24, 48, 96], metavar="K", help="inference k values of the MSAE"
+    )
     relu_l1: float = option(0.5, help="L1 coefficient of the ReLU SAE")
     n_train_rows: int = option(262144, help="rows seen by each SAE in training")
     batch_size: int = option(512, help="rows per training step")
@@ -46,8 +53,12 @@ class ReportConfig:
     n_candidates: int = option(1024, help="k-means candidates of A-SAE / RA-SAE")
     delta: float = option(1.0, help="RA-SAE relaxation bound")
     stability_seeds: int = option(3, help="runs per stability protocol (below 2: no stability study)")
-    families: list[str] = option(list(REPORT_FAMILIES), choices=REPORT_FAMILIES, metavar="FAMILY",
-                                 help=f"SAE families to train: {', '.join(REPORT_FAMILIES)}")  # fmt: skip
+    families: list[str] = option(
+        list(REPORT_FAMILIES),
+        choices=REPORT_FAMILIES,
+        metavar="FAMILY",
+        help=f"SAE families to train: {', '.join(REPORT_FAMILIES)}",
+    )
     stability: bool = option(True, cmd=False)
     n_probe_classes: int = option(16, help="classes of the downstream linear probe")
     cknna_rows: int = option(1000, help="rows of the CKNNA estimate")
@@ -56,10 +67,20 @@ class ReportConfig:
     @classmethod
     def tiny(cls, **overrides: Any) -> ReportConfig:
         values = dict(
-            max_rows=2048, synthetic_kwargs=dict(d_in=16, n_coarse=6, n_fine=2, k_coarse=2, noise_std=0.01),
-            d_sae=32, topk_ks=[2, 4, 8], k=4, msae_k_min=2, inference_ks=[1, 2, 4, 8, 16], n_train_rows=1536,
-            batch_size=128, n_candidates=96, stability_seeds=2, n_probe_classes=4, cknna_rows=200,
-        )  # fmt: skip
+            max_rows=2048,
+            synthetic_kwargs=dict(d_in=16, n_coarse=6, n_fine=2, k_coarse=2, noise_std=0.01),
+            d_sae=32,
+            topk_ks=[2, 4, 8],
+            k=4,
+            msae_k_min=2,
+            inference_ks=[1, 2, 4, 8, 16],
+            n_train_rows=1536,
+            batch_size=128,
+            n_candidates=96,
+            stability_seeds=2,
+            n_probe_classes=4,
+            cknna_rows=200,
+        )
         values.update(overrides)
         return cls(**values)
 
@@ -79,14 +100,22 @@ def synthetic_report_config(
     (sparse) or active coarse atoms per row (hierarchical). ``overrides`` are ``ReportConfig`` fields;
     ``d_sae`` (default: the number of true atoms) also sizes the k-means candidates (``>= 4 * d_sae``)."""
     if kind == "sparse":
-        data = dict(d_in=d_in or (12 if tiny else 32), n_atoms=n_atoms or (16 if tiny else 64),
-                    k=true_k or (2 if tiny else 4), noise_std=0.01)  # fmt: skip
+        data = dict(
+            d_in=d_in or (12 if tiny else 32),
+            n_atoms=n_atoms or (16 if tiny else 64),
+            k=true_k or (2 if tiny else 4),
+            noise_std=0.01,
+        )
         n_true = data["n_atoms"]
         k = data["k"]
     elif kind == "hierarchical":
-        data = dict(d_in=d_in or (16 if tiny else 64), n_coarse=n_coarse or (6 if tiny else 32),
-                    n_fine=n_fine or (2 if tiny else 4), k_coarse=true_k or (2 if tiny else 3),
-                    noise_std=0.01)  # fmt: skip
+        data = dict(
+            d_in=d_in or (16 if tiny else 64),
+            n_coarse=n_coarse or (6 if tiny else 32),
+            n_fine=n_fine or (2 if tiny else 4),
+            k_coarse=true_k or (2 if tiny else 3),
+            noise_std=0.01,
+        )
         n_true = data["n_coarse"] * (1 + data["n_fine"])
         k = 2 * data["k_coarse"]
     else:

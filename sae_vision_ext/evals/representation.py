@@ -6,11 +6,11 @@ k-nearest-neighbour mask ``M_ij = 1[j in knn_K(i) and j in knn_L(i)]`` (``i`` is
 
     CKNNA(A, B) = HSIC(M o K, M o L) / sqrt( HSIC(M_K o K, M_K o K) * HSIC(M_L o L, M_L o L) )
 
-where ``M_K`` (``M_L``) is the k-NN mask of ``K`` (``L``) alone and HSIC is the unbiased estimator of Song et al.
-(2012): with ``K~``, ``L~`` the kernels with zeroed diagonals,
+where ``M_K`` (``M_L``) is the k-NN mask of ``K`` (``L``) alone and HSIC is the unbiased estimator of Song et
+al. (2012): with ``K~``, ``L~`` the kernels with zeroed diagonals,
 ``HSIC = [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))``.
-It is 1 for identical representations and near 0 for unrelated ones; the MSAE paper reports it between original
-and reconstructed embeddings.
+It is 1 for identical representations and near 0 for unrelated ones; the MSAE paper reports it between
+original and reconstructed embeddings.
 
 Downstream preservation: run a classifier or zero-shot head ``h`` on the original ``x`` and the reconstruction
 ``x_hat``; report ``KL(softmax h(x) || softmax h(x_hat))`` averaged over samples, the agreement
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
 Head = Callable[[Tensor], Tensor]
@@ -81,7 +82,8 @@ def mutual_knn(a: Tensor, b: Tensor, topk: int = 10) -> float:
 def downstream_preservation(
     logits_original: Tensor, logits_reconstructed: Tensor, labels: Tensor | None = None
 ) -> dict[str, float]:
-    """KL(p_orig || p_recon) (nats, mean over samples), top-1 agreement, and accuracies when labels are given."""
+    """KL(p_orig || p_recon) (nats, mean over samples), top-1 agreement, and accuracies when labels are
+    given."""
     log_p = F.log_softmax(logits_original.double(), dim=-1)
     log_q = F.log_softmax(logits_reconstructed.double(), dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
@@ -98,7 +100,8 @@ def downstream_preservation(
 
 
 def zero_shot_head(class_embeddings: Tensor, logit_scale: float = 100.0) -> Head:
-    """CLIP-style zero-shot classifier: ``logits = logit_scale * normalize(x) @ normalize(class_embeddings)^T``."""
+    """CLIP-style zero-shot head: ``logits = logit_scale * normalize(x) @ normalize(class_embeddings)^T``
+    (``logit_scale`` is CLIP's temperature)."""
     weights = F.normalize(class_embeddings.detach().float(), dim=-1)
 
     def head(x: Tensor) -> Tensor:
@@ -107,29 +110,65 @@ def zero_shot_head(class_embeddings: Tensor, logit_scale: float = 100.0) -> Head
     return head
 
 
-def fit_linear_probe(
-    x: Tensor, labels: Tensor, weight_decay: float = 1e-4, max_iter: int = 200, seed: int = 0
-) -> torch.nn.Linear:
-    """Multinomial logistic regression on ``x`` (L-BFGS, L2 penalty ``weight_decay * ||W||^2``).
+class LinearProbe(torch.nn.Module):
+    """Multinomial logistic regression on standardised rows: ``logits = ((x - mean) / scale) W^T + b``.
 
-    Inputs are used as given; standardise beforehand if their scale is extreme.
+    A head (``forward`` gives logits, as ``downstream_preservation`` and ``bias_probe`` expect);
+    ``predict_proba`` gives the class probabilities.
     """
-    torch.manual_seed(seed)
-    x = x.detach().float()
-    labels = labels.long()
-    n_classes = int(labels.max()) + 1
-    probe = torch.nn.Linear(x.shape[-1], n_classes)
-    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(probe(x), labels) + weight_decay * probe.weight.pow(2).sum()
-        loss.backward()
-        return loss
+    def __init__(self, d_in: int, n_classes: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(d_in, n_classes)
+        self.register_buffer("mean", torch.zeros(d_in))
+        self.register_buffer("scale", torch.ones(d_in))
 
-    optimizer.step(closure)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear((x.float() - self.mean) / self.scale)
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        return self.forward(x).softmax(dim=-1)
+
+
+def fit_linear_probe(
+    x: Tensor,
+    labels: Tensor,
+    l2: float = 1e-4,
+    max_iter: int = 500,
+    standardize: bool = True,
+    n_classes: int | None = None,
+) -> LinearProbe:
+    """Fit a :class:`LinearProbe` with scikit-learn's ``LogisticRegression`` (L-BFGS, multinomial).
+
+    Minimises ``mean cross-entropy + l2 * ||W||^2`` (scikit-learn's ``C = 1 / (2 * l2 * n)``) on the rows
+    standardised per feature (``standardize``; otherwise as given). The fit is deterministic. ``n_classes``
+    (default: ``max(labels) + 1``) sets the width of the logits; classes absent from ``labels`` get logit
+    ``-inf``-like bias ``-1e4``.
+    """
+    features = x.detach().float().cpu().reshape(-1, x.shape[-1])
+    targets = torch.as_tensor(labels).long().cpu().reshape(-1)
+    n_classes = n_classes or int(targets.max()) + 1
+    probe = LinearProbe(features.shape[1], n_classes)
+    if standardize:
+        probe.mean.copy_(features.mean(dim=0))
+        probe.scale.copy_(features.std(dim=0).clamp_min(1e-6))
+    inputs = ((features - probe.mean) / probe.scale).double().numpy()
+    model = LogisticRegression(C=1.0 / (2 * l2 * inputs.shape[0]), max_iter=max_iter)
+    model.fit(inputs, targets.numpy())
+    coef = torch.as_tensor(model.coef_, dtype=torch.float32)
+    intercept = torch.as_tensor(model.intercept_, dtype=torch.float32)
+    if coef.shape[0] == 1:  # two classes: scikit-learn keeps one row, the logit of class 1 against class 0
+        coef = torch.cat([torch.zeros_like(coef), coef])
+        intercept = torch.cat([torch.zeros_like(intercept), intercept])
+    weight = torch.zeros(n_classes, features.shape[1])
+    bias = torch.full((n_classes,), -1e4)
+    seen = torch.as_tensor(model.classes_, dtype=torch.long)
+    weight[seen], bias[seen] = coef, intercept
+    with torch.no_grad():
+        probe.linear.weight.copy_(weight)
+        probe.linear.bias.copy_(bias)
     probe.requires_grad_(False)
-    return probe
+    return probe.eval()
 
 
 def evaluate_downstream(
@@ -138,7 +177,8 @@ def evaluate_downstream(
     head: Head,
     encode_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Stream ``batches`` (``x`` or ``(x, labels)``) through the SAE and compare ``head`` on ``x`` vs ``x_hat``."""
+    """Stream ``batches`` (``x`` or ``(x, labels)``) through the SAE and compare ``head`` on ``x`` and on
+    ``x_hat``."""
     encode_kwargs = encode_kwargs or {}
     parameter = next(sae.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 
 def _as_matrix(d: Any) -> np.ndarray:
@@ -43,14 +44,14 @@ def cosine_matrix(D1: Any, D2: Any) -> np.ndarray:
     return a @ b.T
 
 
-def match_dictionaries(D1: Any, D2: Any, allow_sign_flip: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def match_dictionaries(
+    D1: Any, D2: Any, allow_sign_flip: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hungarian matching of the atoms of D1 [n1, d] and D2 [n2, d] (tensors, arrays or SAEs).
 
     Returns ``(row_ind, col_ind, cosines)``: atom ``row_ind[k]`` of D1 matches atom ``col_ind[k]`` of D2 with
     cosine ``cosines[k]`` (absolute value when ``allow_sign_flip``), sorted by ``row_ind``.
     """
-    from scipy.optimize import linear_sum_assignment
-
     S = cosine_matrix(D1, D2)
     score = np.abs(S) if allow_sign_flip else S
     row_ind, col_ind = linear_sum_assignment(score, maximize=True)

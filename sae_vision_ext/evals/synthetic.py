@@ -1,19 +1,21 @@
 """Synthetic data with known ground truth, and the identifiability score.
 
-Sparse codes over a known dictionary (``sparse_dictionary_data``): atoms ``a_1..a_m`` are random unit vectors in
-``R^d``; each row activates exactly ``k`` atoms chosen uniformly, with magnitudes ``U(lo, hi)``:
-``x_n = sum_{j in S_n} c_nj a_j + noise``.
+Sparse codes over a known dictionary (``sparse_dictionary_data``): atoms ``a_1..a_m`` are random unit vectors
+in ``R^d``; each row activates exactly ``k`` atoms chosen uniformly, with magnitudes ``U(lo, hi)``: ``x_n =
+sum_{j in S_n} c_nj a_j + noise``.
 
-Hierarchical data (``hierarchical_data``): ``n_coarse`` coarse atoms ``p_c``; each has ``n_fine`` fine children
-``f_cj = parent_cosine * p_c + sqrt(1 - parent_cosine^2) * v_cj`` (``v_cj`` a random unit vector orthogonal to
-``p_c``). A row activates ``k_coarse`` coarse atoms with magnitude ``U(lo, hi)``; each active coarse atom is refined,
-with probability ``p_fine``, by exactly one of its children with magnitude ``fine_scale * U(lo, hi)``. Children never
-fire without their parent, so a few latents capture the coarse structure and more latents add detail: the setting
-in which training at several nested k (the Matryoshka SAE) should give good reconstructions at every k.
+Hierarchical data (``hierarchical_data``): ``n_coarse`` coarse atoms ``p_c``; each has ``n_fine`` fine
+children ``f_cj = parent_cosine * p_c + sqrt(1 - parent_cosine^2) * v_cj`` (``v_cj`` a random unit vector
+orthogonal to ``p_c``). A row activates ``k_coarse`` coarse atoms with magnitude ``U(lo, hi)``; each active
+coarse atom is refined, with probability ``p_fine``, by exactly one of its children with magnitude
+``fine_scale * U(lo, hi)``. Children never fire without their parent, so a few latents capture the coarse
+structure and more latents add detail: the setting in which training at several nested k (the Matryoshka SAE)
+should give good reconstructions at every k.
 
-Identifiability (the A-SAE paper's soft identifiability): match true atoms one-to-one to learned atoms with the
-Hungarian algorithm on cosine similarity and report the mean matched cosine over the true atoms (1 for a perfect
-dictionary up to permutation). Signs count by default: with non-negative codes a negated atom explains nothing.
+Identifiability (the A-SAE paper's soft identifiability): match true atoms one-to-one to learned atoms with
+the Hungarian algorithm on cosine similarity and report the mean matched cosine over the true atoms (1 for a
+perfect dictionary up to permutation). Signs count by default: with non-negative codes a negated atom explains
+nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sae_vision_ext.evals.stability import match_dictionaries
 
 
 @dataclass
@@ -81,7 +85,9 @@ def sparse_dictionary_data(
     x = codes @ atoms
     if noise_std > 0:
         x = x + noise_std * torch.randn(x.shape, generator=generator)
-    params = dict(kind="sparse", n_rows=n_rows, d_in=d_in, n_atoms=n_atoms, k=k, noise_std=noise_std, seed=seed)
+    params = dict(
+        kind="sparse", n_rows=n_rows, d_in=d_in, n_atoms=n_atoms, k=k, noise_std=noise_std, seed=seed
+    )
     return SyntheticData(x=x, atoms=atoms, codes=codes, parents=None, params=params)
 
 
@@ -126,9 +132,18 @@ def hierarchical_data(
     if noise_std > 0:
         x = x + noise_std * torch.randn(x.shape, generator=generator)
     params = dict(
-        kind="hierarchical", n_rows=n_rows, d_in=d_in, n_coarse=n_coarse, n_fine=n_fine, k_coarse=k_coarse,
-        p_fine=p_fine, fine_scale=fine_scale, parent_cosine=parent_cosine, noise_std=noise_std, seed=seed,
-    )  # fmt: skip
+        kind="hierarchical",
+        n_rows=n_rows,
+        d_in=d_in,
+        n_coarse=n_coarse,
+        n_fine=n_fine,
+        k_coarse=k_coarse,
+        p_fine=p_fine,
+        fine_scale=fine_scale,
+        parent_cosine=parent_cosine,
+        noise_std=noise_std,
+        seed=seed,
+    )
     return SyntheticData(x=x, atoms=atoms, codes=codes, parents=parents, params=params)
 
 
@@ -137,12 +152,7 @@ def identifiability(learned: Tensor, true: Tensor, allow_sign_flip: bool = False
 
     Needs at least as many learned atoms as true atoms; extra learned atoms are ignored.
     """
-    from sae_vision_ext.evals.stability import match_dictionaries
-
     if learned.shape[0] < true.shape[0]:
         raise ValueError(f"need >= {true.shape[0]} learned atoms, got {learned.shape[0]}")
     _, _, cosines = match_dictionaries(true, learned, allow_sign_flip=allow_sign_flip)
     return float(torch.as_tensor(cosines).double().mean())
-
-
-# ------------------------------------------------------------------------------------------------------- CLI

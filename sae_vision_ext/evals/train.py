@@ -1,29 +1,31 @@
 """Train any SAELens training SAE on rows of activations with SAELens's own ``SAETrainer``.
 
-Shared by the synthetic benchmarks and the comparison report (small, in-memory runs). The image-fed runner lives
-in ``sae_vision_ext.training``; this helper is for data that is already a tensor or an iterator of row batches.
+Shared by the synthetic benchmarks and the comparison report (small, in-memory runs). The image-fed runner
+lives in ``sae_vision_ext.training``; this helper is for data that is already a tensor or an iterator of row
+batches.
 """
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens import SAE
+from sae_lens.config import SAETrainerConfig
+from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
+
+from sae_vision_ext._saelens_compat import build_training_sae, progress_bars_off
+from sae_vision_ext.saes import register_architectures
 
 
 def make_training_sae(sae_cfg: Any) -> Any:
-    """Instantiate the registered training SAE class for ``sae_cfg.architecture()``."""
-    from sae_lens.registry import get_sae_training_class
-
-    import sae_vision_ext  # noqa: F401  (registers the plugin's architectures)
-
-    sae_cls, _ = get_sae_training_class(sae_cfg.architecture())
-    return sae_cls(sae_cfg)
+    """The registered training SAE (SAELens's or the plugin's) for ``sae_cfg.architecture()``."""
+    register_architectures()
+    return build_training_sae(sae_cfg)
 
 
 def shuffled_batches(rows: Tensor, batch_size: int, seed: int = 0) -> Iterator[Tensor]:
@@ -53,15 +55,12 @@ def train_in_memory(
 ) -> Any:
     """Train for ``n_rows`` rows with ``SAETrainer`` and return the training SAE.
 
-    ``rows_iter`` is an iterator of ``[batch_size, d_in]`` tensors, or a tensor of rows (then shuffled, seeded).
-    The learning rate is constant, then decays linearly to 0 over the last ``decay_fraction`` of the steps (the MSAE
-    paper's schedule); ``lr_end`` defaults to ``lr``. ``sae`` overrides construction from ``sae_cfg`` (e.g. a
-    training SAE whose weights were initialised by hand); the torch seed is set before construction.
+    ``rows_iter`` is an iterator of ``[batch_size, d_in]`` tensors, or a tensor of rows (then shuffled,
+    seeded). The learning rate is constant, then decays linearly to 0 over the last ``decay_fraction`` of the
+    steps (the MSAE paper's schedule); ``lr_end`` defaults to ``lr``. ``sae`` overrides construction from
+    ``sae_cfg`` (e.g. a training SAE whose weights were initialised by hand); the torch seed is set before
+    construction.
     """
-    from sae_lens.config import SAETrainerConfig
-    from sae_lens.training import sae_trainer as trainer_module
-    from sae_lens.training.sae_trainer import SAETrainer
-
     if isinstance(rows_iter, Tensor):
         rows_iter = shuffled_batches(rows_iter, batch_size, seed=seed)
     torch.manual_seed(seed)
@@ -80,25 +79,17 @@ def train_in_memory(
         n_checkpoints=0,
         save_final_checkpoint=False,
     )
-    original_tqdm = trainer_module.tqdm
-    if not progress:  # SAETrainer has no switch for its progress bar
-        trainer_module.tqdm = functools.partial(original_tqdm, disable=True)
-    try:
-        trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=rows_iter)
-        sae = trainer.fit()
-    finally:
-        trainer_module.tqdm = original_tqdm
-    return sae
+    with progress_bars_off(not progress):
+        return SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=rows_iter).fit()
 
 
 def to_inference_sae(training_sae: Any, folder: str | Path | None = None) -> Any:
-    """Save ``training_sae`` as an inference checkpoint (SAELens folder) and load it back with ``SAE.load_from_disk``.
+    """Save ``training_sae`` as an inference checkpoint (SAELens folder) and load it back with
+    ``SAE.load_from_disk``.
 
-    This is the path a user takes, so the evaluation sees exactly what would be shipped (e.g. BatchTopK becomes
-    JumpReLU). With ``folder=None`` a temporary folder is used and removed.
+    This is the path a user takes, so the evaluation sees exactly what would be shipped (e.g. BatchTopK
+    becomes JumpReLU). With ``folder=None`` a temporary folder is used and removed.
     """
-    from sae_lens import SAE
-
     if folder is None:
         with tempfile.TemporaryDirectory() as tmp:
             training_sae.save_inference_model(tmp)

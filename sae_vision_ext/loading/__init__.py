@@ -4,9 +4,12 @@
 entries to SAELens without reading or downloading anything. Everything else is imported on first use.
 """
 
-from sae_vision_ext.loading.releases import RELEASES, register_releases
+import importlib
+
+from sae_vision_ext.loading.releases import RELEASES
 
 _LAZY = {
+    "register_releases": "sae_vision_ext.loading.registration",
     "load_pretrained": "sae_vision_ext.loading.pretrained",
     "vision_releases": "sae_vision_ext.loading.pretrained",
     "set_inference_k": "sae_vision_ext.loading.pretrained",
@@ -26,10 +29,8 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'sae_vision_ext.loading' has no attribute {name!r}")
 
 
-__all__ = ["RELEASES", "register_releases", *_LAZY]
+__all__ = ["RELEASES", *_LAZY]

@@ -7,7 +7,7 @@ from typing import Any
 
 
 def check_sae_fits_model(sae: Any, model: Any, hook_name: str | None = None) -> str:
-    """Raise ValueError unless ``sae.cfg.d_in`` equals the width of ``hook_name`` on ``model``; return the hook.
+    """Raise ValueError unless ``sae.cfg.d_in`` is the width of ``hook_name`` on ``model``; return the hook.
 
     ``hook_name`` defaults to the SAE's ``cfg.metadata.hook_name``; an unknown hook raises the model's
     own error, which lists the valid names. A different ``metadata.model_name`` only warns: SAEs can
@@ -43,9 +43,16 @@ def warn_if_not_finite(sae: Any, where: str) -> list[str]:
 
     Such an SAE encodes every input to NaN; it usually comes from a run that diverged.
     """
-    bad = [name for name, tensor in sae.state_dict().items()
-           if tensor.is_floating_point() and not bool(tensor.isfinite().all())]  # fmt: skip
+    bad = [
+        name
+        for name, tensor in sae.state_dict().items()
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all())
+    ]
     if bad:
-        warnings.warn(f"{where}: the SAE's {', '.join(bad)} hold NaN or inf values: it encodes every input to NaN "
-                      "(the run that made it diverged?)", UserWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{where}: the SAE's {', '.join(bad)} hold NaN or inf values: it encodes every input to NaN "
+            "(the run that made it diverged?)",
+            UserWarning,
+            stacklevel=2,
+        )
     return bad

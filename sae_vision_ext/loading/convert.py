@@ -11,20 +11,30 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from sae_lens.registry import get_sae_class
+from sae_lens.saes.sae import SAEConfig
 
 from sae_vision_ext.loading.checks import warn_if_not_finite
-
-if TYPE_CHECKING:
-    import torch
+from sae_vision_ext.loading.hf_files import fetch_checkpoint
+from sae_vision_ext.loading.msae import msae_to_sae_components, read_msae_checkpoint
+from sae_vision_ext.loading.overcomplete import (
+    MODULE_CLASSES,
+    overcomplete_cfg_dict,
+    overcomplete_to_sae_components,
+    read_overcomplete_checkpoint,
+    register_overcomplete_architecture,
+)
+from sae_vision_ext.loading.pretrained import load_pretrained
+from sae_vision_ext.loading.safe_load import NUMPY_SCALAR_GLOBALS, module_graph_globals, safe_torch_load
 
 FORMATS = ("auto", "msae", "overcomplete")
 
 
 def build_sae(cfg_dict: dict[str, Any], state_dict: dict[str, torch.Tensor]):
-    """Instantiate the registered architecture ``cfg_dict["architecture"]`` and load ``state_dict`` strictly."""
-    from sae_lens.registry import get_sae_class
-
+    """Instantiate the registered architecture ``cfg_dict["architecture"]``; load ``state_dict`` strictly."""
     sae_cls, cfg_cls = get_sae_class(cfg_dict["architecture"])
     sae = sae_cls(cfg_cls.from_dict(cfg_dict))
     sae.load_state_dict(state_dict, strict=True)
@@ -32,12 +42,10 @@ def build_sae(cfg_dict: dict[str, Any], state_dict: dict[str, torch.Tensor]):
 
 
 def _detect_format(path: Path) -> str:
-    from sae_vision_ext.loading.overcomplete import MODULE_CLASSES
-    from sae_vision_ext.loading.safe_load import NUMPY_SCALAR_GLOBALS, module_graph_globals, safe_torch_load
-
     # mmap (no copy of the tensors) works only for torch's zip format, not for legacy checkpoints
-    obj = safe_torch_load(path, NUMPY_SCALAR_GLOBALS + module_graph_globals(MODULE_CLASSES),
-                          mmap=zipfile.is_zipfile(path))  # fmt: skip
+    obj = safe_torch_load(
+        path, NUMPY_SCALAR_GLOBALS + module_graph_globals(MODULE_CLASSES), mmap=zipfile.is_zipfile(path)
+    )
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "encoder" in obj["model"]:
         return "msae"
     return "overcomplete"
@@ -60,17 +68,8 @@ def convert_file(
         format = _detect_format(path)
     metadata = {"source": str(path), **(metadata or {})}
     if format == "msae":
-        from sae_vision_ext.loading.msae import msae_to_sae_components, read_msae_checkpoint
-
         cfg, state = msae_to_sae_components(read_msae_checkpoint(path), metadata, k=options.get("k"))
         return build_sae(cfg, state)
-    from sae_vision_ext.loading.overcomplete import (
-        overcomplete_cfg_dict,
-        overcomplete_to_sae_components,
-        read_overcomplete_checkpoint,
-        register_overcomplete_architecture,
-    )
-
     register_overcomplete_architecture()
     ckpt = read_overcomplete_checkpoint(path)
     fields, state = overcomplete_to_sae_components(
@@ -93,10 +92,6 @@ def convert_checkpoint(
     if Path(source).is_file():
         sae = convert_file(source, format, metadata, **options)
     elif source.startswith("hf://"):
-        from sae_lens.saes.sae import SAEConfig
-
-        from sae_vision_ext.loading.hf_files import fetch_checkpoint
-
         parts = source.removeprefix("hf://").split("/", 2)
         if len(parts) != 3:
             raise ValueError(f"expected hf://org/repo/path/in/repo, got {source!r}")
@@ -105,8 +100,6 @@ def convert_checkpoint(
     elif Path(source).suffix in (".pth", ".pt", ".ckpt", ".bin"):
         raise FileNotFoundError(f"checkpoint not found: {source}")
     else:
-        from sae_vision_ext.loading.pretrained import load_pretrained
-
         if sae_id is None:
             raise ValueError(f"{source!r} is not a file; to convert a named release pass --sae-id")
         sae = load_pretrained(

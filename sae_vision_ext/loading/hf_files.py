@@ -1,4 +1,4 @@
-"""Fetching single files of a Hub repo (online or from the local cache) with errors that say what is missing."""
+"""One file of a Hub repo (online or from the local cache), with errors that name what is missing."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import glob
 from pathlib import Path
 from typing import Any
 
+import torch
+from huggingface_hub import constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+from sae_vision_ext.loading.releases import release_metadata
+
 
 def _offline_note() -> str:
-    from huggingface_hub import constants
-
     if constants.is_offline_mode():
         return f" (HF_HUB_OFFLINE is set and the file is not in the local cache {constants.HF_HUB_CACHE})"
     return ""
@@ -18,9 +22,6 @@ def _offline_note() -> str:
 
 def resolve_pattern(repo_id: str, pattern: str, force_download: bool = False) -> str:
     """The one file of ``repo_id`` matching the glob ``pattern`` (``*`` stays inside a folder)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=[pattern], force_download=force_download))
     except (EntryNotFoundError, HfHubHTTPError, OSError) as err:
@@ -39,9 +40,6 @@ def resolve_pattern(repo_id: str, pattern: str, force_download: bool = False) ->
 
 def download_file(repo_id: str, path_in_repo: str, force_download: bool = False) -> Path:
     """``hf_hub_download`` of one file (a glob pattern is resolved first); FileNotFoundError if absent."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-
     if glob.has_magic(path_in_repo):
         path_in_repo = resolve_pattern(repo_id, path_in_repo, force_download)
     try:
@@ -55,7 +53,7 @@ def download_file(repo_id: str, path_in_repo: str, force_download: bool = False)
 def split_overrides(
     cfg_overrides: dict[str, Any] | None, cfg_cls: type
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split SAELens's ``cfg_overrides`` into config fields of ``cfg_cls`` and metadata (None values dropped)."""
+    """Split SAELens's ``cfg_overrides`` into config fields of ``cfg_cls`` and metadata (None values go)."""
     names = {f.name for f in dataclasses.fields(cfg_cls)} - {"metadata"}
     overrides, metadata = {}, {}
     for key, value in (cfg_overrides or {}).items():
@@ -87,8 +85,6 @@ def fetch_checkpoint(
     cfg_cls: type,
 ) -> HubCheckpoint:
     """Resolve ``folder_name`` (a file path or glob in the repo), download it, split the overrides."""
-    from sae_vision_ext.loading.releases import release_metadata
-
     path_in_repo = (
         resolve_pattern(repo_id, folder_name, force_download) if glob.has_magic(folder_name) else folder_name
     )
@@ -110,7 +106,10 @@ def fetch_checkpoint(
 
 
 def cast_state(state: dict[str, Any], device: str, dtype: str) -> dict[str, Any]:
-    """Move a converted state dict to the device and dtype SAELens asked for."""
-    from sae_lens.util import str_to_dtype
-
-    return {name: value.to(device=device, dtype=str_to_dtype(dtype)) for name, value in state.items()}
+    """Move a converted state dict to the device and dtype SAELens asked for (``"float32"``, ...)."""
+    # torch's own names, not sae_lens.util.str_to_dtype: this module must not import SAELens (it is
+    # imported while SAELens's import hook registers the releases, see loading/registration.py)
+    torch_dtype = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use a torch dtype name such as 'float32' or 'bfloat16'")
+    return {name: value.to(device=device, dtype=torch_dtype) for name, value in state.items()}

@@ -22,7 +22,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi, ModelCardData
 from sae_lens.constants import RUNNER_CFG_FILENAME, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
+from sae_lens.training.upload_saes_to_huggingface import upload_saes_to_huggingface
 
 SAEOrPath = Any  # an SAELens SAE, or a folder holding cfg.json + sae_weights.safetensors
 _COPIED = (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME, RUNNER_CFG_FILENAME)
@@ -55,8 +57,6 @@ def model_card(
 
     Names the library (SAELens + sae-vision-ext), each SAE's vision model and hook, and the metrics.
     """
-    from huggingface_hub import ModelCardData
-
     metrics = metrics or {}
     metric_names = sorted({name for values in metrics.values() for name in values})
     models = sorted({str(c.get("metadata", {}).get("model_name")) for c in cfgs.values()} - {"None"})
@@ -162,9 +162,6 @@ def push_to_hub(
     revision: str = "main",
 ) -> None:
     """Upload ``saes`` with SAELens's uploader, then the model card (replacing any README.md)."""
-    from huggingface_hub import HfApi
-    from sae_lens.training.upload_saes_to_huggingface import upload_saes_to_huggingface
-
     cfgs = {sae_id: _cfg_of(sae) for sae_id, sae in saes.items()}  # validates before any upload
     upload_saes_to_huggingface(
         dict(saes), repo_id, hf_revision=revision, show_progress=False, add_default_readme=False

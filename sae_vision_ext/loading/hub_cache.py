@@ -21,14 +21,14 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from huggingface_hub import constants
+
 # Extensions the Hub stores with Git LFS by default (the blob is then named by its sha256).
 _LFS_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".npy", ".npz", ".pkl", ".h5", ".zip"}
 
 
 def hf_cache_dir() -> Path:
     """The cache ``huggingface_hub`` uses right now (``HF_HUB_CACHE``, else ``$HF_HOME/hub``)."""
-    from huggingface_hub import constants
-
     return Path(constants.HF_HUB_CACHE)
 
 
@@ -45,7 +45,8 @@ def seed_hf_cache(
     revision: str = "main",
     repo_type: str = "model",
 ) -> Path:
-    """Add ``files`` ({path in repo: bytes or local file}) to ``repo_id`` at ``revision``; return the snapshot.
+    """Add ``files`` ({path in repo: bytes or local file}) to ``repo_id`` at ``revision``; return the snapshot
+    folder.
 
     Files already cached at ``revision`` are kept (a new commit holds old and new files). The commit
     hash is derived from the contents, so seeding the same files twice changes nothing.

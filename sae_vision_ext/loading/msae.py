@@ -31,8 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from sae_lens import __version__ as sae_lens_version
 
+from sae_vision_ext.loading.hf_files import cast_state, fetch_checkpoint
 from sae_vision_ext.loading.safe_load import NUMPY_SCALAR_GLOBALS, safe_torch_load
+from sae_vision_ext.saes.matryoshka_topk import MatryoshkaTopKSAEConfig, default_k_levels
 
 ARCHITECTURE = "matryoshka_topk"
 MODEL_KEYS = ("pre_bias", "encoder", "latent_bias", "decoder")
@@ -144,10 +147,6 @@ def msae_to_sae_components(
     ``k`` is the default inference TopK (None: ReLU, the authors' default); any k can also be passed to
     ``encode(x, k=...)`` later. ``metadata`` is merged into ``cfg.metadata`` (model, hook, source, ...).
     """
-    from sae_lens import __version__ as sae_lens_version
-
-    from sae_vision_ext.saes.matryoshka_topk import default_k_levels
-
     meta = {**_authors_filename_info(str((metadata or {}).get("source", ""))), **(metadata or {})}
     cfg = {
         "architecture": ARCHITECTURE,
@@ -174,9 +173,6 @@ def msae_to_sae_components(
 def _load_from_hf(
     repo_id: str, folder_name: str, device: str, force_download: bool, cfg_overrides: dict[str, Any] | None
 ):
-    from sae_vision_ext.loading.hf_files import fetch_checkpoint
-    from sae_vision_ext.saes.matryoshka_topk import MatryoshkaTopKSAEConfig
-
     src = fetch_checkpoint(
         repo_id, folder_name, device, force_download, cfg_overrides, MatryoshkaTopKSAEConfig
     )
@@ -195,12 +191,12 @@ def msae_huggingface_loader(
     force_download: bool = False,
     cfg_overrides: dict[str, Any] | None = None,
 ):
-    """SAELens converter for the authors' files: ``SAE.from_pretrained("WolodjaZ/MSAE", path, converter=this)``.
+    """SAELens converter for the authors' files.
+
+    ``SAE.from_pretrained("WolodjaZ/MSAE", path, converter=msae_huggingface_loader)``.
 
     ``folder_name`` is the file's path in the repo (a glob pattern is resolved to the one matching file).
     """
-    from sae_vision_ext.loading.hf_files import cast_state
-
     cfg, state = _load_from_hf(repo_id, folder_name, device, force_download, cfg_overrides)
     return cfg, cast_state(state, cfg["device"], cfg["dtype"]), None
 

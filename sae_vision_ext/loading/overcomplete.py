@@ -11,8 +11,10 @@ Layout, established from overcomplete's public source and two independent reader
   (Linear d_in -> d_sae), ``encoder.final_block.1.*`` (LayerNorm or BatchNorm1d over the d_sae
   pre-activations), and for an archetypal dictionary ``dictionary.{W [d_sae, n'], C [n', d_in],
   Relax [d_sae, d_in], multiplier []}`` plus the attribute ``delta``; a plain dictionary is
-  ``dictionary._weights [d_sae, d_in]``, row-normalised (l2) when read. The toolbox's default encoder
-  ``nn.Sequential(Linear, BatchNorm1d, ReLU)`` stores ``encoder.0.*`` / ``encoder.1.*``.
+  ``dictionary.{_weights [d_sae, d_in], multiplier []}``, row-normalised (l2) when read. The default
+  encoder of overcomplete 0.3 is ``MLPEncoder(nb_blocks=0)`` with an identity norm (``final_block.*``
+  keys again); an encoder ``nn.Sequential(Linear, BatchNorm1d, ReLU)`` stores ``encoder.0.*`` /
+  ``encoder.1.*``.
 
 Inference in overcomplete (eval mode)::
 
@@ -23,12 +25,13 @@ Inference in overcomplete (eval mode)::
         = a                          plain SAE
     x_hat = z D                      no decoder bias
     D   = exp(m) (rowstoch(ReLU(W)) C + Relax * min(1, delta / ||Relax_i||))     archetypal
-        = _weights / (||_weights_i|| + 1e-8)                                    plain, l2
+        = exp(m) _weights / (||_weights_i|| + 1e-8)                             plain, l2
 
 BatchNorm in eval is affine, so it is folded into the Linear layer; LayerNorm is not, so the plugin's
 inference-only architecture ``overcomplete`` (:class:`OvercompleteSAE`) keeps it. Reading a pickled module
 graph binds every class name on :data:`MODULE_CLASSES` to an inert record (see ``safe_load``): no
-overcomplete code is needed and none of the file's classes is instantiated.
+overcomplete code is needed and none of the file's classes is instantiated. The tests check all of this
+against overcomplete 0.3.0 itself (``tests/loading/test_loading_overcomplete.py``).
 """
 
 from __future__ import annotations
@@ -41,11 +44,16 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from sae_lens import __version__ as sae_lens_version
+from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 from sae_lens.saes.sae import SAE, SAEConfig
 from torch import nn
 from typing_extensions import override
 
-from sae_vision_ext import resume_registration
+from sae_vision_ext._registration import resume_registration
+from sae_vision_ext.loading.hf_files import cast_state, fetch_checkpoint
 from sae_vision_ext.loading.safe_load import (
     NUMPY_SCALAR_GLOBALS,
     PickledModule,
@@ -60,7 +68,7 @@ MODULE_CLASSES = (
     "overcomplete.sae.base.SAE",
     "overcomplete.sae.topk_sae.TopKSAE",
     "overcomplete.sae.batchtopk_sae.BatchTopKSAE",
-    "overcomplete.sae.ra_sae.RATopKSAE",
+    "overcomplete.sae.rasae.RATopKSAE",
     "overcomplete.sae.modules.MLPEncoder",
     "overcomplete.sae.archetypal_dictionary.RelaxedArchetypalDictionary",
     "overcomplete.sae.dictionary.DictionaryLayer",
@@ -78,7 +86,7 @@ MODULE_CLASSES = (
 SPARSITY_OF_CLASS = {
     "overcomplete.sae.batchtopk_sae.BatchTopKSAE": "threshold",
     "overcomplete.sae.topk_sae.TopKSAE": "topk",
-    "overcomplete.sae.ra_sae.RATopKSAE": "topk",
+    "overcomplete.sae.rasae.RATopKSAE": "topk",
     "overcomplete.sae.base.SAE": "relu",
 }
 Sparsity = Literal["relu", "topk", "threshold"]
@@ -86,7 +94,7 @@ Sparsity = Literal["relu", "topk", "threshold"]
 
 @dataclass
 class OvercompleteSAEConfig(SAEConfig):
-    """``encoder_norm``: LayerNorm over the d_sae pre-activations or none; ``sparsity`` as in the module doc."""
+    """``encoder_norm``: LayerNorm over the d_sae pre-activations, or none; ``sparsity``: see the module."""
 
     apply_b_dec_to_input: bool = False
     encoder_norm: Literal["none", "layer_norm"] = "none"
@@ -154,8 +162,6 @@ class OvercompleteSAE(SAE[OvercompleteSAEConfig]):
 
 def register_overcomplete_architecture() -> None:
     """Register the inference architecture ``overcomplete`` with SAELens (idempotent)."""
-    from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
-
     if ARCHITECTURE not in SAE_CLASS_REGISTRY:
         register_sae_class(ARCHITECTURE, OvercompleteSAE, OvercompleteSAEConfig)
 
@@ -266,7 +272,8 @@ def overcomplete_to_sae_components(
     prefix = "encoder.final_block." if "encoder.final_block.0.weight" in sd else "encoder."
     if f"{prefix}0.weight" not in sd:
         raise ValueError(
-            f"no encoder Linear layer found (expected 'encoder.final_block.0.weight'); keys: {sorted(sd)[:12]}"
+            "no encoder Linear layer found (expected 'encoder.final_block.0.weight'); "
+            f"keys: {sorted(sd)[:12]}"
         )
     W_lin = sd[f"{prefix}0.weight"].float()  # [d_sae, d_in]
     b_lin = sd.get(f"{prefix}0.bias", torch.zeros(W_lin.shape[0])).float()
@@ -311,6 +318,7 @@ def overcomplete_to_sae_components(
             raise ValueError(
                 f"unsupported dictionary normalisation {normalization!r} (supported: l2, identity)"
             )
+        D = D * torch.exp(sd.get("dictionary.multiplier", torch.tensor(0.0)).float())
     else:
         raise ValueError(
             "no dictionary found (expected 'dictionary.W'/'dictionary.C' or 'dictionary._weights')"
@@ -347,8 +355,6 @@ def overcomplete_to_sae_components(
 def overcomplete_cfg_dict(
     fields: dict[str, Any], metadata: dict[str, Any], device: str = "cpu", dtype: str = "float32"
 ) -> dict[str, Any]:
-    from sae_lens import __version__ as sae_lens_version
-
     return {
         "architecture": ARCHITECTURE,
         **fields,
@@ -361,9 +367,6 @@ def overcomplete_cfg_dict(
 
 
 def _published_threshold(repo_id: str, folder_name: str, force_download: bool) -> float | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
     parent = folder_name.rpartition("/")[0]
     try:
         config = hf_hub_download(
@@ -378,8 +381,6 @@ def _published_threshold(repo_id: str, folder_name: str, force_download: bool) -
 def _load_from_hf(
     repo_id: str, folder_name: str, device: str, force_download: bool, cfg_overrides: dict[str, Any] | None
 ):
-    from sae_vision_ext.loading.hf_files import fetch_checkpoint
-
     src = fetch_checkpoint(repo_id, folder_name, device, force_download, cfg_overrides, OvercompleteSAEConfig)
     ckpt = read_overcomplete_checkpoint(src.local_path)
     threshold = src.overrides.pop("threshold", None)
@@ -405,8 +406,6 @@ def overcomplete_huggingface_loader(
     cfg_overrides: dict[str, Any] | None = None,
 ):
     """SAELens converter: ``SAE.from_pretrained(repo_id, path_in_repo, converter=this)``."""
-    from sae_vision_ext.loading.hf_files import cast_state
-
     register_overcomplete_architecture()
     cfg, state = _load_from_hf(repo_id, folder_name, device, force_download, cfg_overrides)
     return cfg, cast_state(state, cfg["device"], cfg["dtype"]), None

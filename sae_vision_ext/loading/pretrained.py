@@ -5,11 +5,17 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from huggingface_hub.errors import EntryNotFoundError
+from sae_lens import SAE
+from sae_lens.loading import pretrained_saes_directory
+
+from sae_vision_ext.loading.msae import INFERENCE_K_FIELD
+from sae_vision_ext.loading.registration import register_releases
+from sae_vision_ext.loading.releases import RELEASES
+
 
 def vision_releases() -> dict[str, list[str]]:
     """{release name: sae ids} for the releases the plugin registers."""
-    from sae_vision_ext.loading.releases import RELEASES
-
     return {name: list(release.saes) for name, release in RELEASES.items()}
 
 
@@ -42,14 +48,8 @@ def load_pretrained(
     ``release`` is a registered release name or a Hub repo id; ``k`` sets an MSAE's inference TopK
     (default ReLU, the authors' inference mode).
     """
-    from huggingface_hub.errors import EntryNotFoundError
-    from sae_lens import SAE
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
-    from sae_vision_ext.loading.releases import register_releases
-
     register_releases()
-    directory = get_pretrained_saes_directory()
+    directory = pretrained_saes_directory.get_pretrained_saes_directory()  # after the wrapping
     if release not in directory:
         if "/" not in release:
             raise ValueError(_unknown_release_message(release, directory))
@@ -70,8 +70,6 @@ def load_pretrained(
 
 def set_inference_k(sae: Any, k: int | None) -> None:
     """Make an MSAE keep the top ``k`` latents at inference (None: ReLU only)."""
-    from sae_vision_ext.loading.msae import INFERENCE_K_FIELD
-
     if not hasattr(sae.cfg, INFERENCE_K_FIELD):
         raise ValueError(
             f"k applies to MSAE SAEs only; this SAE's architecture is {sae.cfg.architecture()!r}"

@@ -1,24 +1,17 @@
-"""Named releases of published vision SAEs, loadable with SAELens's own API.
+"""The named releases of published vision SAEs: which repo, file, model and hook each one is.
 
     import sae_vision_ext                      # registers the releases (no file is read or downloaded)
     from sae_lens import SAE
     sae = SAE.from_pretrained("msae-clip-vit-l-14", "centered")
 
-How SAELens 6.54 resolves a release: ``get_pretrained_saes_directory()`` (a cached parse of the
-``pretrained_saes.yaml`` shipped in SAELens) maps release -> repo id, sae id -> path in the repo and a
-``conversion_func`` name, which ``NAMED_PRETRAINED_SAE_LOADERS`` maps to a loader returning
-``(cfg_dict, state_dict, log_sparsity)``. :func:`register_releases` adds the plugin's loaders to that
-dict and wraps ``get_pretrained_saes_directory`` so the directory also holds the plugin's releases. The
-wrapper does not parse the YAML at import time (parsing takes ~1.7 s); it adds the entries whenever
-SAELens asks for the directory, so even ``get_pretrained_saes_directory.cache_clear()`` keeps them.
+This module is the table only (plain data, no SAELens import); ``loading/registration.py`` makes SAELens
+see it, and the converters (``msae.py``, ``overcomplete.py``) read the metadata of the file they convert
+from it.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import functools
-import importlib
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,81 +91,3 @@ def release_metadata(repo_id: str, path_in_repo: str) -> dict[str, Any]:
             if path_in_repo == pattern or fnmatch.fnmatchcase(path_in_repo, pattern):
                 return {"model_name": release.model, "hook_name": release.hook_name, **release.metadata}
     return {}
-
-
-def _lookup(release: VisionRelease):
-    from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup
-
-    return PretrainedSAELookup(
-        release=release.release,
-        repo_id=release.repo_id,
-        model=release.model,
-        conversion_func=release.conversion_func,
-        saes_map=dict(release.saes),
-        expected_var_explained={sae_id: 1.0 for sae_id in release.saes},
-        expected_l0={sae_id: 0.0 for sae_id in release.saes},
-        neuronpedia_id={},
-        norm_scaling_factor={},
-        config_overrides={"model_name": release.model, "hook_name": release.hook_name, **release.metadata},
-    )
-
-
-def _deferred(module: str, name: str):
-    """A function that imports ``module.name`` on first call: registering must not import half-loaded modules."""
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-
-    call.__name__ = name
-    return call
-
-
-def _loaders() -> dict[str, tuple[Any, Any]]:
-    """{conversion_func name: (SAELens loader, SAELens config getter)}."""
-    msae, overcomplete = "sae_vision_ext.loading.msae", "sae_vision_ext.loading.overcomplete"
-    return {
-        MSAE_LOADER: (_deferred(msae, "msae_huggingface_loader"), _deferred(msae, "get_msae_config_from_hf")),
-        OVERCOMPLETE_LOADER: (
-            _deferred(overcomplete, "overcomplete_huggingface_loader"),
-            _deferred(overcomplete, "get_overcomplete_config_from_hf"),
-        ),
-    }
-
-
-def register_releases() -> list[str]:
-    """Make the plugin's releases loadable by name through SAELens; safe to call any number of times."""
-    from sae_lens.loading import pretrained_sae_loaders as loaders
-
-    importlib.import_module("sae_vision_ext.loading.overcomplete")  # registers the `overcomplete` architecture
-    for name, (loader, config_getter) in _loaders().items():
-        loaders.NAMED_PRETRAINED_SAE_LOADERS.setdefault(name, loader)
-        loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS.setdefault(name, config_getter)
-    _wrap_directory()
-    return list(RELEASES)
-
-
-def _wrap_directory() -> None:
-    from sae_lens.loading import pretrained_saes_directory as directory_module
-
-    original = directory_module.get_pretrained_saes_directory
-    if getattr(original, "_adds_sae_vision_ext_releases", False):
-        return
-
-    @functools.wraps(original)
-    def get_pretrained_saes_directory():
-        directory = original()
-        for name, release in RELEASES.items():
-            if name not in directory:
-                directory[name] = _lookup(release)
-        return directory
-
-    get_pretrained_saes_directory.cache_clear = original.cache_clear
-    get_pretrained_saes_directory.cache_info = original.cache_info
-    get_pretrained_saes_directory._adds_sae_vision_ext_releases = True
-    # Every SAELens module that imported the function by name holds its own reference; modules imported
-    # later pick up the wrapper from pretrained_saes_directory itself.
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("sae_lens") and (
-            getattr(module, "get_pretrained_saes_directory", None) is original
-        ):
-            module.get_pretrained_saes_directory = get_pretrained_saes_directory

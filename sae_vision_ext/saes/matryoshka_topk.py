@@ -1,34 +1,37 @@
-"""Matryoshka SAE with nested TopK levels (MSAE; Zaigrajew, Baniecki & Biecek, ICML 2025, arXiv 2502.20578).
+"""Matryoshka SAE with nested TopK levels (MSAE), architecture ``matryoshka_topk``.
 
-One encoder, one dictionary. Several TopK operators with increasing k act on the SAME latents, so the supports
-are nested (top-k_1 of z within top-k_2 of z within ...):
+Zaigrajew, Baniecki & Biecek, "Interpreting CLIP with Hierarchical Sparse Autoencoders", ICML 2025
+(arXiv 2502.20578). One encoder and one dictionary D (rows D_j). Several TopK operators with increasing k act
+on the SAME latents, so their supports are nested::
 
-    x_s   = (x - mu) * s                       optional input standardisation (mu, s kept as buffers)
-    pre   = (x_s - b_dec) @ W_enc + b_enc
-    z     = relu(pre)                          the inference latents (ReLU, the paper's default)
-    z_i   = z restricted to its k_i largest entries
-    x_i   = z_i @ D + b_dec                    D: decoder rows, unit norm during training
-    loss  = sum_i a_i L(x_i, x_s) / sum_i a_i  L: "mse" (sum over d, mean over batch) or "nmse"
+    x~     = (x - mu) * s                          input standardisation (optional; mu, s kept as buffers)
+    z      = ReLU((x~ - b_pre) W_enc + b_enc)      the inference latents (b_pre is SAELens's b_dec)
+    z_i    = TopK_{k_i}(z),  k_1 < k_2 < ... < k_h  supp z_1 within supp z_2 within ... (k = d_sae: z itself)
+    x^_i   = z_i D + b_pre
 
-with a_i = 1 ("uniform", UW) or a_i = h - i + 1 ("reverse", RW: the sparsest level weighs most) or explicit
-weights. A level with k = d_sae is the plain ReLU level. No L1 term, no auxiliary loss, no resampling.
+The MSAE loss is the weighted mean of the level losses::
 
-This is not SAELens's ``matryoshka_batchtopk`` (Bussmann et al.: nested dictionary prefixes); the architecture
-name here is ``matryoshka_topk``.
+    L = sum_i a_i L(x^_i, x~) / sum_i a_i
+    uniform weighting (UW):  a_i = 1
+    reverse weighting (RW):  a_i = h - i + 1       (the sparsest level weighs most)
 
-Training forward (``nested_topk_reconstructions``): one encoder pass and one chain of ``topk`` calls serve every
-level. Every level with k at least the largest number of positive latents in a row of the batch equals the ReLU
-level and reuses its single dense decode. Because the supports are nested, the other levels are built from
-their neighbours: level i = level i-1 + the latents of ranks k_{i-1}..k_i ("head" band), or level i+1 minus the
-positive latents of ranks k_i..k_{i+1} ("tail"); narrow bands are decoded by gathering decoder rows, and a level
-whose bands would be wide is decoded as one masked dense matmul. A cost model picks the cheapest plan per batch;
-all plans give the same values and gradients as h independent dense decodes (tested).
+with L the squared error summed over d and averaged over the batch (the paper's equation, ``"mse"``) or the
+normalised MSE of the authors' code (``"nmse"``). No L1 term, no auxiliary loss, no resampling. Inference
+uses z (ReLU) or TopK of z at any k, without retraining. This is not SAELens's ``matryoshka_batchtopk``
+(Bussmann et al.: nested dictionary prefixes).
 
-Decoder norm: with ``normalize_decoder`` the training SAE decodes with D = W_dec / ||W_dec|| (row-wise) and
+Decoder rows: with ``normalize_decoder`` the training SAE decodes with D = W_dec / ||W_dec|| (row-wise) and
 renormalises W_dec in place at the start of every training step. SAELens's ``SAETrainer`` has no hook around
 the optimiser step, so this parametrisation is the extension point: at ||w|| = 1 the gradient of w / ||w|| is
-(I - w w^T) g, i.e. the authors' "remove the gradient component parallel to each decoder row", and the in-place
+(I - w w^T) g, the authors' "remove the gradient component parallel to each decoder row", and the in-place
 renormalisation after each step changes nothing in the function. Saved weights hold the unit-norm rows.
+
+Input standardisation: mu = E[x] and s = sqrt(d) / E||x - mu|| (``"mean_norm"``: the mean norm of x~ becomes
+sqrt(d), the paper's target) or s = sqrt(d) / E||x - mu||^2 (``"mean_squared_norm"``: what the authors' code
+does). The SAE takes and returns raw activations.
+
+The training forward makes one encoder pass and decodes all levels at once with
+:func:`sae_vision_ext.saes.nested_decode.nested_reconstructions` (exactly the h independent decodes, cheaper).
 """
 
 from __future__ import annotations
@@ -53,28 +56,19 @@ from sae_lens.saes.sae import (
     TrainStepOutput,
 )
 from torch import nn
+from typing_extensions import override
 
+from sae_vision_ext._saelens_compat import sae_hooks_disabled
 from sae_vision_ext.saes import register
+from sae_vision_ext.saes.nested_decode import nested_reconstructions
 
 ARCHITECTURE_NAME = "matryoshka_topk"
 
-# Cost model of the nested decode (forward + backward, per batch row), in units of one latent of a dense masked
-# level: a dense level costs DENSE_LEVEL_COST * d_sae (three matmuls plus the mask), one gathered latent
-# GATHER_COST (gathers are memory-bound and the sampled matmul of the backward is not vectorised). Measured on a
-# 2-core AVX-512 CPU with torch 2.14 (see the issue-3 note); only the plan choice depends on them.
-GATHER_COST = 8.0
-DENSE_LEVEL_COST = 1.0
-# gathers run over column tiles of the gathered table at most this wide (0: no tiles), narrower when the table
-# has many rows, so that the tile stays in a core's L2 cache (measured best on a 2 MiB-L2 AVX-512 core)
-DECODE_TILE_WIDTH = 64
-TILE_BYTES = 3 * 2**20
-
-StandardizeScale = Literal["paper", "authors_code"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# configuration helpers
-# ----------------------------------------------------------------------------------------------------------------
+# How the input scale s is estimated: the statistic of ||x - mu|| that sqrt(d) is divided by.
+StandardizeScale = Literal["mean_norm", "mean_squared_norm"]
+STANDARDIZE_SCALES: tuple[str, ...] = ("mean_norm", "mean_squared_norm")
+# The spellings used before issue 15 ("paper" / "authors_code"); saved training configs hold them.
+LEGACY_STANDARDIZE_SCALES = {"paper": "mean_norm", "authors_code": "mean_squared_norm"}
 
 
 def default_k_levels(d_sae: int, k_start: int = 64) -> list[int]:
@@ -111,7 +105,7 @@ def validate_k_levels(k_levels: Sequence[int], d_sae: int) -> list[int]:
 
 
 def parse_level_weighting(level_weighting: str | Sequence[float]) -> str | list[float]:
-    """Normalise ``level_weighting``: "uniform", "reverse", or explicit weights (a list, or "1,2,3" / "[1,2,3]")."""
+    """Normalise ``level_weighting``: "uniform", "reverse" or explicit weights (list, "1,2,3", "[1,2,3]")."""
     if isinstance(level_weighting, str):
         text = level_weighting.strip()
         if text.lower() in ("uniform", "uw"):
@@ -128,12 +122,13 @@ def parse_level_weighting(level_weighting: str | Sequence[float]) -> str | list[
 
 def _bad_weighting(level_weighting: Any):
     raise ValueError(
-        f"level_weighting must be 'uniform', 'reverse' or a list of non-negative weights, got {level_weighting!r}"
+        "level_weighting must be 'uniform', 'reverse' or a list of non-negative weights, "
+        f"got {level_weighting!r}"
     )
 
 
 def level_weights(level_weighting: str | Sequence[float], n_levels: int) -> list[float]:
-    """Weights a_i normalised to sum to 1: uniform a_i = 1, reverse a_i = h - i + 1 (i = 1..h), or explicit."""
+    """Weights a_i normalised to sum to 1: uniform a_i = 1, reverse a_i = h - i + 1 (i = 1..h) or explicit."""
     parsed = parse_level_weighting(level_weighting)
     if parsed == "uniform":
         raw = [1.0] * n_levels
@@ -160,7 +155,18 @@ def check_k(k: Any, d_sae: int, name: str = "k") -> int | None:
     return int(k)
 
 
-def _validate_common(cfg: Any) -> None:
+def standardize_scale_name(scale: str) -> StandardizeScale:
+    """``scale`` as one of ``STANDARDIZE_SCALES``; old spellings map through ``LEGACY_STANDARDIZE_SCALES``."""
+    scale = LEGACY_STANDARDIZE_SCALES.get(scale, scale)
+    if scale not in STANDARDIZE_SCALES:
+        raise ValueError(
+            f"standardize_scale must be 'mean_norm' (s = sqrt(d) / E||x - mu||, the paper) or "
+            f"'mean_squared_norm' (s = sqrt(d) / E||x - mu||^2, the authors' code), got {scale!r}"
+        )
+    return scale  # type: ignore[return-value]
+
+
+def _validate_common(cfg: MatryoshkaTopKSAEConfig | MatryoshkaTopKTrainingSAEConfig) -> None:
     if cfg.d_in < 1 or cfg.d_sae < 1:
         raise ValueError(f"d_in and d_sae must be positive, got d_in={cfg.d_in}, d_sae={cfg.d_sae}")
     if cfg.k_levels is None:
@@ -186,10 +192,12 @@ class MatryoshkaTopKSAEConfig(SAEConfig):
     inference_k: int | None = None
     standardize_input: bool = False
 
+    @override
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE_NAME
 
+    @override
     def __post_init__(self):
         super().__post_init__()
         _validate_common(self)
@@ -207,8 +215,9 @@ class MatryoshkaTopKTrainingSAEConfig(TrainingSAEConfig):
             "nmse" (the authors' code: per sample sum_d (x_hat - x)^2 / sum_d (x - batch mean)^2, batch mean).
         normalize_decoder: decode with unit-norm decoder rows and drop the radial gradient component.
         inference_k, standardize_input: see ``MatryoshkaTopKSAEConfig``.
-        standardize_scale: how the input scale is estimated: "paper" s = sqrt(d) / E||x - mu|| (so the mean
-            norm becomes sqrt(d)), or "authors_code" s = sqrt(d) / E||x - mu||^2.
+        standardize_scale: how the input scale is estimated: "mean_norm" s = sqrt(d) / E||x - mu|| (the
+            paper: the mean norm becomes sqrt(d)) or "mean_squared_norm" s = sqrt(d) / E||x - mu||^2 (the
+            authors' code). The old spellings "paper" and "authors_code" are read as these two.
         decoder_init_norm: tied initialisation W_enc = W_dec^T with rows of this norm (0.1).
     """
 
@@ -218,22 +227,21 @@ class MatryoshkaTopKTrainingSAEConfig(TrainingSAEConfig):
     normalize_decoder: bool = True
     inference_k: int | None = None
     standardize_input: bool = False
-    standardize_scale: Literal["paper", "authors_code"] = "paper"
+    standardize_scale: StandardizeScale = "mean_norm"
 
+    @override
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE_NAME
 
+    @override
     def __post_init__(self):
         _validate_common(self)
         self.level_weighting = parse_level_weighting(self.level_weighting)
         level_weights(self.level_weighting, len(self.k_levels))  # validates explicit weights
         if self.reconstruction_loss not in ("mse", "nmse"):
             raise ValueError(f"reconstruction_loss must be 'mse' or 'nmse', got {self.reconstruction_loss!r}")
-        if self.standardize_scale not in ("paper", "authors_code"):
-            raise ValueError(
-                f"standardize_scale must be 'paper' or 'authors_code', got {self.standardize_scale!r}"
-            )
+        self.standardize_scale = standardize_scale_name(self.standardize_scale)
         if self.normalize_decoder and self.normalize_activations == "covariance_whitening":
             raise ValueError(
                 "normalize_activations='covariance_whitening' cannot be folded into a unit-norm decoder; "
@@ -241,291 +249,24 @@ class MatryoshkaTopKTrainingSAEConfig(TrainingSAEConfig):
             )
         super().__post_init__()
 
+    @override
     def get_inference_config_class(self) -> type[SAEConfig]:
         return MatryoshkaTopKSAEConfig
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the nested decode
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def nested_topk_reconstructions(
-    acts: torch.Tensor,
-    decoder: torch.Tensor,
-    k_levels: Sequence[int],
-    scores: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
-    """``[topk_k(acts) @ decoder for k in k_levels]`` (no bias), exactly, sharing work between the levels.
-
-    acts: [B, n] non-negative latents; decoder: [n, d]; k_levels strictly increasing. The top-k sets are those
-    of ``scores`` (default: acts), taken from one chain of ``topk`` calls, so they are nested. Differentiable in
-    acts and decoder.
-
-    Let p_s be the number of positive latents of row s. Every level with k >= max_s p_s equals the full decode
-    ``acts @ decoder`` (one dense matmul shared by all of them, the ReLU level included). Each other level i is
-    built by the cheapest of (chosen per batch by ``plan_nested_decode``):
-
-    - "head":  x_i = x_{i-1} + band_i, band_i = latents of ranks k_{i-1}..k_i, decoded by gathering their
-      decoder rows (``gather_decode``);
-    - "tail":  x_i = x_{i+1} - (positive latents of ranks k_i..k_{i+1}) decoded the same way;
-    - "dense": x_i = (acts masked to its top-k_i) @ decoder.
-    All gathered bands of a batch and the shared dense decode are one autograd Function, whose backward adds
-    the gathered latents' gradients into the dense gradient in place.
-    """
-    levels = list(k_levels)
-    B, n = acts.shape
-    if B == 0:
-        return [acts.new_zeros(0, decoder.shape[-1]) for _ in levels]
-    with torch.no_grad():
-        positive = acts > 0
-        counts = positive.sum(-1, dtype=torch.int32)  # an int32 sum of bools is ~8x faster than int64
-        max_active = int(counts.max())
-    partial = [k for k in levels if k < max_active]
-    if not partial:
-        return [acts @ decoder] * len(levels)
-    full_needed = len(partial) < len(levels)
-    plan = plan_nested_decode(partial, counts, n, full_available=full_needed)
-
-    with torch.no_grad():
-        sets, bands = _nested_topk_sets(acts if scores is None else scores, partial, plan)
-
-    def mask_of(k: int) -> torch.Tensor:
-        return torch.zeros_like(positive).scatter_(-1, sets[k], True)
-
-    # every gathered band (head bands and tails) goes through one _GatherDecode call
-    head = [i for i, method in enumerate(plan) if method == "head"]
-    tail = [i for i, method in enumerate(plan) if method == "tail"]
-    rows, cols, sizes = [], [], []
-    with torch.no_grad():
-        if head:
-            head_cols = torch.cat([bands[i] for i in head], dim=-1)
-            cols.append(head_cols.reshape(-1))
-            rows.append(torch.arange(B, device=acts.device).repeat_interleave(head_cols.shape[1]))
-            bounds = [0] + partial
-            sizes.append(torch.tensor([bounds[i + 1] - bounds[i] for i in head], device=acts.device).repeat(B))
-        for i in tail:  # positive latents ranked between k_i and the next level (or all positives)
-            in_upper = mask_of(partial[i + 1]) & positive if i + 1 < len(partial) else positive
-            tail_rows, tail_cols = (in_upper & ~mask_of(partial[i])).nonzero(as_tuple=True)
-            rows.append(tail_rows)
-            cols.append(tail_cols)
-            sizes.append(torch.bincount(tail_rows, minlength=B))
-    if rows:
-        with torch.no_grad():
-            flat_rows, flat_cols, bag_sizes = torch.cat(rows), torch.cat(cols), torch.cat(sizes)
-            offsets = torch.cat([bag_sizes.new_zeros(1), bag_sizes.cumsum(0)[:-1]])
-        full, out = _GatherDecode.apply(acts, decoder, flat_rows * n + flat_cols, flat_cols, offsets, full_needed)
-        d = decoder.shape[-1]
-        head_out, tail_out = out.split([B * len(head), B * len(tail)])
-        gathered = list(head_out.view(B, len(head), d).unbind(1)) + list(tail_out.view(len(tail), B, d).unbind(0))
-    else:
-        full, gathered = (acts @ decoder if full_needed else None), []
-    decoded_band = dict(zip(head + tail, gathered))
-    outputs: dict[int, torch.Tensor] = {k: full for k in levels[len(partial) :]}
-
-    for i, k in enumerate(partial):  # bottom-up: head and dense levels
-        if plan[i] == "head":
-            outputs[k] = decoded_band[i] if i == 0 else outputs[partial[i - 1]] + decoded_band[i]
-        elif plan[i] == "dense":
-            outputs[k] = (acts * mask_of(k)) @ decoder
-    for i in reversed(tail):  # top-down: tail levels
-        upper = outputs[partial[i + 1]] if i + 1 < len(partial) else full
-        outputs[partial[i]] = upper - decoded_band[i]
-    return [outputs[k] for k in levels]
-
-
-def plan_nested_decode(
-    partial: Sequence[int], counts: torch.Tensor, n: int, full_available: bool
-) -> list[str]:
-    """Choose "head" / "tail" / "dense" per level to minimise the estimated cost (see module constants).
-
-    Costs per batch row: head = GATHER_COST * band width, tail = GATHER_COST * mean number of positive latents
-    between the level and the next one, dense = DENSE_LEVEL_COST * n. A tail level needs the
-    level above it and a head level the one below, so a "tail" level directly below a "head" one is not allowed.
-    """
-    m = len(partial)
-    counts_f = counts.double()
-    cost: list[dict[str, float]] = []
-    for i, k in enumerate(partial):
-        options = {"dense": DENSE_LEVEL_COST * n, "head": GATHER_COST * (k - (partial[i - 1] if i else 0))}
-        if i + 1 < m or full_available:
-            upper = partial[i + 1] if i + 1 < m else n
-            options["tail"] = GATHER_COST * float((counts_f - k).clamp(0, upper - k).mean())
-        cost.append(options)
-    # dynamic programme over the method of the previous level
-    best: dict[str, tuple[float, list[str]]] = {m_: (c, [m_]) for m_, c in cost[0].items()}
-    for i in range(1, m):
-        new: dict[str, tuple[float, list[str]]] = {}
-        for method, c in cost[i].items():
-            candidates = [
-                (prev_cost + c, path + [method])
-                for prev_method, (prev_cost, path) in best.items()
-                if not (prev_method == "tail" and method == "head")
-            ]
-            if candidates:
-                new[method] = min(candidates, key=lambda t: t[0])
-        best = new
-    return min(best.values(), key=lambda t: t[0])[1]
-
-
-def _nested_topk_sets(
-    ranked: torch.Tensor, partial: Sequence[int], plan: Sequence[str]
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Index sets {k: [B, k]} of the top-k of ``ranked`` for the sizes the plan needs, and the bands
-    {i: [B, k_i - k_{i-1}]} (latents of ranks k_{i-1}..k_i) of its head levels.
-
-    One chain of unsorted ``topk`` calls, largest k first, each on the previous result (so the sets are nested
-    and only the first call sees all latents); a head level's band is what the next call leaves out.
-    """
-    needed = set()
-    for i, method in enumerate(plan):
-        needed.add(partial[i])
-        if method == "head" and i > 0:
-            needed.add(partial[i - 1])
-        if method == "tail" and i + 1 < len(partial):
-            needed.add(partial[i + 1])
-    head_sizes = {partial[i]: i for i, method in enumerate(plan) if method == "head"}
-    sets: dict[int, torch.Tensor] = {}
-    bands: dict[int, torch.Tensor] = {}
-    values, indices, previous = ranked, None, None
-    for k in sorted(needed, reverse=True):
-        values, local = torch.topk(values, k, dim=-1, sorted=False)
-        if indices is not None and previous in head_sizes:  # the band of the previous (larger) size
-            left_out = torch.ones(indices.shape, dtype=torch.bool, device=indices.device).scatter_(-1, local, False)
-            bands[head_sizes[previous]] = indices[left_out].view(indices.shape[0], -1)
-        indices = local if indices is None else indices.gather(-1, local)
-        sets[k], previous = indices, k
-    if 0 in head_sizes.values():
-        bands[0] = sets[partial[0]]
-    return sets, bands
-
-
-def gather_decode(
-    weights: torch.Tensor, decoder: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor
-) -> torch.Tensor:
-    """out[b] = sum_{e in bag b} weights[e] * decoder[indices[e]]; bag b holds entries offsets[b]..offsets[b+1].
-
-    Same values as ``F.embedding_bag(indices, decoder, offsets, per_sample_weights=weights, mode="sum")`` with a
-    faster backward: the decoder gradient is one gather over the entries sorted by latent (instead of a scatter),
-    the weight gradient one sampled matmul. All three work on column tiles of the table they gather from, so
-    the rows they touch stay in cache.
-    """
-    positions = torch.arange(weights.shape[0], device=weights.device)
-    return _GatherDecode.apply(weights, decoder, positions, indices, offsets, False)[1]
-
-
-def _tile_width(table: torch.Tensor) -> int:
-    """Widest power-of-two tile up to DECODE_TILE_WIDTH whose rows fit in TILE_BYTES (the table width if 0)."""
-    rows, width = table.shape
-    tile = DECODE_TILE_WIDTH
-    while tile > 8 and rows * tile * table.element_size() > TILE_BYTES:
-        tile //= 2
-    return tile if 0 < tile < width else width
-
-
-def _column_tiles(table: torch.Tensor, tile: int) -> list[torch.Tensor]:
-    """Contiguous column tiles of a 2-D table (one copy when the width divides)."""
-    rows, width = table.shape
-    if width % tile == 0:
-        return list(table.reshape(rows, width // tile, tile).transpose(0, 1).contiguous().unbind(0))
-    return [table[:, a : a + tile].contiguous() for a in range(0, width, tile)]
-
-
-def _tiled_bag_sum(indices, tiles, offsets, weights) -> torch.Tensor:
-    parts = [F.embedding_bag(indices, t, offsets, per_sample_weights=weights, mode="sum") for t in tiles]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-
-class _GatherDecode(torch.autograd.Function):
-    """(acts @ decoder, or an empty tensor when not ``with_full``; bag sums of the entries
-    ``acts.flatten()[positions]`` times ``decoder[indices]``). One Function for both, so the backward adds the
-    gathered entries' gradients into the dense one in place instead of through a dense scatter."""
-
-    @staticmethod
-    def forward(ctx, acts, decoder, positions, indices, offsets, with_full):
-        weights = acts.reshape(-1).index_select(0, positions)
-        decoder_tiles = _column_tiles(decoder, _tile_width(decoder))
-        ctx.save_for_backward(acts, decoder, weights, positions, indices, offsets, *decoder_tiles)
-        ctx.with_full = with_full
-        full = acts @ decoder if with_full else acts.new_empty(0)
-        return full, _tiled_bag_sum(indices, decoder_tiles, offsets, weights)
-
-    @staticmethod
-    def backward(ctx, grad_full, grad_bands):
-        acts, decoder, weights, positions, indices, offsets, *decoder_tiles = ctx.saved_tensors
-        n_bags, n_entries, n_latents = offsets.shape[0], indices.shape[0], decoder.shape[0]
-        need_acts, need_decoder = ctx.needs_input_grad[:2]
-        grad_acts = grad_decoder = None
-        if ctx.with_full and grad_full is not None:
-            grad_acts = grad_full @ decoder.t() if need_acts else None
-            grad_decoder = acts.t() @ grad_full if need_decoder else None
-        if grad_bands is None:
-            return grad_acts, grad_decoder, None, None, None, None
-        width = min(_tile_width(grad_bands), decoder_tiles[0].shape[1])
-        grad_tiles = _column_tiles(grad_bands, width)
-        if width != decoder_tiles[0].shape[1]:  # the sampled matmul pairs tiles of the same columns
-            decoder_tiles = _column_tiles(decoder, width)
-        if need_acts:
-            # grad_weights[e] = grad_bands[bag(e)] . decoder[indices[e]]: a matmul sampled at the entries
-            crow = torch.cat([offsets, offsets.new_tensor([n_entries])])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                dots = torch.sparse_csr_tensor(
-                    crow, indices, weights.new_zeros(n_entries), (n_bags, n_latents), check_invariants=False
-                )
-                for g, d in zip(grad_tiles, decoder_tiles):  # accumulate in place: no copy of the pattern
-                    torch.sparse.sampled_addmm(dots, g, d.t(), beta=1.0, out=dots)
-            if grad_acts is None:
-                grad_acts = torch.zeros_like(acts)
-            grad_acts.view(-1).index_add_(0, positions, dots.values())
-        if need_decoder:
-            # grad_decoder[j] = sum_{e: indices[e] = j} weights[e] * grad_bands[bag(e)]: a bag sum per latent;
-            # sorting the narrowest integer type that holds the latent ids is the cheapest (int16: 2x int32)
-            key_dtype = torch.int16 if n_latents <= 2**15 else torch.int32 if n_latents <= 2**31 else torch.int64
-            order = torch.sort(indices.to(key_dtype), stable=True).indices
-            bag_sizes = torch.diff(offsets, append=offsets.new_tensor([n_entries]))
-            bag_of_entry = torch.repeat_interleave(torch.arange(n_bags, device=offsets.device), bag_sizes)
-            per_latent = torch.bincount(indices, minlength=n_latents)
-            latent_offsets = torch.cat([per_latent.new_zeros(1), per_latent.cumsum(0)[:-1]])
-            band_grad = _tiled_bag_sum(
-                bag_of_entry.index_select(0, order), grad_tiles, latent_offsets, weights.index_select(0, order)
-            )
-            grad_decoder = band_grad if grad_decoder is None else grad_decoder.add_(band_grad)
-        return grad_acts, grad_decoder, None, None, None, None
-
-
-def naive_topk_reconstructions(
-    acts: torch.Tensor, decoder: torch.Tensor, k_levels: Sequence[int], scores: torch.Tensor | None = None
-) -> list[torch.Tensor]:
-    """Reference: one independent ``topk`` and one dense decode per level (h dense decodes)."""
-    ranked = acts if scores is None else scores
-    outputs = []
-    for k in k_levels:
-        indices = torch.topk(ranked, k, dim=-1).indices
-        sparse = torch.zeros_like(acts).scatter(-1, indices, acts.gather(-1, indices))
-        outputs.append(sparse @ decoder)
-    return outputs
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# input standardisation
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def estimate_input_standardization(
     batches: Iterable[torch.Tensor],
     n_batches: int | None = None,
-    scale: StandardizeScale = "paper",
+    scale: StandardizeScale = "mean_norm",
 ) -> tuple[torch.Tensor, float]:
     """Estimate (mu, s) for x -> (x - mu) * s from batches of rows [B, d] (the first ``n_batches`` of them).
 
-    mu = E[x]; "paper": s = sqrt(d) / E||x - mu|| (mean norm of the standardised rows becomes sqrt(d));
-    "authors_code": s = sqrt(d) / E||x - mu||^2 (the authors' code, no square root in the denominator).
-    Exact two-pass estimate over the batches (they are held in memory).
+    mu = E[x]; "mean_norm": s = sqrt(d) / E||x - mu|| (mean norm of the standardised rows becomes sqrt(d), the
+    paper); "mean_squared_norm": s = sqrt(d) / E||x - mu||^2 (the authors' code, no square root in the
+    denominator). Exact two-pass estimate over the batches (they are held in memory).
     """
-    if scale not in ("paper", "authors_code"):
-        raise ValueError(f"scale must be 'paper' or 'authors_code', got {scale!r}")
+    scale = standardize_scale_name(scale)
     rows = [b.reshape(-1, b.shape[-1]).double() for b in islice(iter(batches), n_batches)]
     rows = [r for r in rows if r.shape[0] > 0]
     if not rows:
@@ -533,7 +274,7 @@ def estimate_input_standardization(
     d = rows[0].shape[-1]
     count = sum(r.shape[0] for r in rows)
     mean = sum(r.sum(0) for r in rows) / count
-    if scale == "paper":
+    if scale == "mean_norm":
         spread = sum((r - mean).norm(dim=-1).sum() for r in rows) / count
     else:
         spread = sum((r - mean).pow(2).sum(-1).sum() for r in rows) / count
@@ -543,24 +284,36 @@ def estimate_input_standardization(
     return mean.float(), math.sqrt(d) / spread
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# shared SAE behaviour
-# ----------------------------------------------------------------------------------------------------------------
+class _RemoveRadialGradient(torch.autograd.Function):
+    """Identity on unit-norm decoder rows w whose backward drops the gradient component along w:
+    g -> g - (g . w) w, the authors' radial gradient removal (= the gradient of w / ||w|| at ||w|| = 1)."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.save_for_backward(weight)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return torch.addcmul(grad, torch.linalg.vecdot(grad, weight).unsqueeze(-1), weight, value=-1)
 
 
-class _MatryoshkaTopKMixin:
-    """Encode / decode / folding shared by the inference and the training class."""
+def _per_level(values: list[torch.Tensor], n_levels: int) -> list[torch.Tensor]:
+    """Values for the distinct reconstructions of ``nested_reconstructions``, repeated for shared levels."""
+    return values + [values[-1]] * (n_levels - len(values))
 
-    cfg: Any
-    W_enc: nn.Parameter
-    W_dec: nn.Parameter
+
+class _MatryoshkaTopKBase(SAE[Any]):
+    """Encode / decode / standardisation / folding shared by the inference and the training class."""
+
     b_enc: nn.Parameter
-    b_dec: nn.Parameter
     input_mean: torch.Tensor
     input_scale: torch.Tensor
 
+    @override
     def initialize_weights(self) -> None:
-        super().initialize_weights()  # type: ignore[misc]
+        super().initialize_weights()
         self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
         if self.cfg.standardize_input:
             # input_scale == 0 means "not estimated yet"
@@ -569,7 +322,7 @@ class _MatryoshkaTopKMixin:
             )
             self.register_buffer("input_scale", torch.zeros((), dtype=self.dtype, device=self.device))
 
-    # -- decoder view -------------------------------------------------------------------------------------------
+    # -- decoder view ----------------------------------------------------------------------------------------
 
     def _decoder_and_row_norms(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(decoder used in the forward, its row norms or None when they are 1 by construction)."""
@@ -579,10 +332,10 @@ class _MatryoshkaTopKMixin:
         """Latents are ranked by their contribution size z_j ||D_j|| (= z_j for unit-norm rows)."""
         return None if row_norms is None else z * row_norms
 
-    # -- standardisation ----------------------------------------------------------------------------------------
+    # -- standardisation -------------------------------------------------------------------------------------
 
     def set_input_standardization(self, mean: torch.Tensor, scale: float | torch.Tensor) -> None:
-        """Store mu [d_in] and the scalar s; the SAE then encodes (x - mu) * s and decodes back to raw space."""
+        """Store mu [d_in] and the scalar s; the SAE then encodes (x - mu) * s and decodes back to raw x."""
         if not self.cfg.standardize_input:
             raise ValueError("set_input_standardization needs a config with standardize_input=True")
         mean = torch.as_tensor(mean).reshape(-1)
@@ -595,13 +348,21 @@ class _MatryoshkaTopKMixin:
             self.input_mean.copy_(mean.to(self.input_mean))
             self.input_scale.fill_(scale)
 
-    def fit_input_standardization(self, batches: Iterable[torch.Tensor], n_batches: int | None = None, **kw):
-        """Estimate mu and s from ``batches`` (see ``estimate_input_standardization``) and store them."""
-        if "scale" not in kw:
-            kw["scale"] = getattr(self.cfg, "standardize_scale", "paper")
-        mean, scale = estimate_input_standardization(batches, n_batches=n_batches, **kw)
-        self.set_input_standardization(mean, scale)
-        return mean, scale
+    def fit_input_standardization(
+        self,
+        batches: Iterable[torch.Tensor],
+        n_batches: int | None = None,
+        scale: StandardizeScale | None = None,
+    ) -> tuple[torch.Tensor, float]:
+        """Estimate mu and s from ``batches`` (see ``estimate_input_standardization``) and store them.
+
+        ``scale`` defaults to the config's ``standardize_scale`` (inference configs: "mean_norm").
+        """
+        if scale is None:
+            scale = getattr(self.cfg, "standardize_scale", "mean_norm")
+        mean, s = estimate_input_standardization(batches, n_batches=n_batches, scale=scale)
+        self.set_input_standardization(mean, s)
+        return mean, s
 
     @property
     def input_standardization_is_set(self) -> bool:
@@ -641,15 +402,16 @@ class _MatryoshkaTopKMixin:
     def _hidden_pre(self, x_prepared: torch.Tensor) -> torch.Tensor:
         """pre = (x - b_dec) @ W_enc + b_enc, computed as x @ W_enc + (b_enc - b_dec @ W_enc).
 
-        Same function; the input itself needs no gradient, so backward skips a [B, d_sae] x [d_sae, d_in] matmul.
+        Same function; the input needs no gradient, so backward skips a [B, d_sae] x [d_sae, d_in] matmul.
         """
         bias = self.b_enc
         if self.cfg.apply_b_dec_to_input:
             bias = bias - self.b_dec @ self.W_enc
         return self.hook_sae_acts_pre(x_prepared @ self.W_enc + bias)
 
-    # -- public inference API -----------------------------------------------------------------------------------
+    # -- public inference API --------------------------------------------------------------------------------
 
+    @override
     def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """Latents of raw x: ReLU latents, or TopK of them at ``k`` (default ``cfg.inference_k``).
 
@@ -669,6 +431,7 @@ class _MatryoshkaTopKMixin:
         indices = torch.topk(z if scores is None else scores, k, dim=-1).indices
         return torch.zeros_like(z).scatter(-1, indices, z.gather(-1, indices))
 
+    @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """x_hat = unstandardize(z @ D + b_dec), in the raw input space."""
         decoder, _ = self._decoder_and_row_norms()
@@ -677,14 +440,14 @@ class _MatryoshkaTopKMixin:
         out = self.run_time_activation_norm_fn_out(out)
         return self.reshape_fn_out(out, self.d_head)
 
+    @override
     def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """SAELens's forward (``use_error_term`` included), with the TopK ``k`` of ``encode``."""
         feature_acts = self.encode(x, k=k)
         sae_out = self.decode(feature_acts)
         if self.use_error_term:
             with torch.no_grad():
-                from sae_lens.saes.sae import _disable_hooks
-
-                with _disable_hooks(self):
+                with sae_hooks_disabled(self):
                     clean = self.decode(self.encode(x, k=k))
                 sae_error = self.hook_sae_error(x - clean)
             sae_out = sae_out + sae_error
@@ -696,8 +459,8 @@ class _MatryoshkaTopKMixin:
     ) -> dict[int | None, torch.Tensor]:
         """Reconstructions of raw x at several k in one pass: {k: x_hat_k}; k = None (or d_sae) is ReLU.
 
-        One encode, one topk at the largest k, nested band decodes (see ``nested_topk_reconstructions``).
-        Default ks: the training ``k_levels``. Inputs of any leading shape [..., d_in].
+        One encode and one nested decode (see ``nested_reconstructions``). Default ks: the training
+        ``k_levels``. Inputs of any leading shape [..., d_in].
         """
         ks = list(self.cfg.k_levels if ks is None else ks)
         if not ks:
@@ -708,7 +471,8 @@ class _MatryoshkaTopKMixin:
         z = F.relu(self._hidden_pre(prepared.reshape(-1, self.cfg.d_in)))
         decoder, row_norms = self._decoder_and_row_norms()
         distinct = sorted({self.cfg.d_sae if k is None else k for k in ks})
-        decoded = nested_topk_reconstructions(z, decoder, distinct, scores=self._topk_scores(z, row_norms))
+        decoded = nested_reconstructions(z, decoder, distinct, scores=self._topk_scores(z, row_norms))
+        decoded = _per_level(decoded, len(distinct))
         stacked = self._unstandardize(torch.stack(decoded) + self.b_dec)
         # one call: SAELens's run-time normalisers keep per-call state that a second call would miss
         stacked = self.run_time_activation_norm_fn_out(stacked.reshape(len(distinct), *lead_shape, -1))
@@ -716,8 +480,9 @@ class _MatryoshkaTopKMixin:
         by_k = dict(zip(distinct, stacked.unbind(0)))
         return {k: by_k[self.cfg.d_sae if k is None else k] for k in ks}
 
-    # -- folding ------------------------------------------------------------------------------------------------
+    # -- folding ---------------------------------------------------------------------------------------------
 
+    @override
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         """The SAE was trained on c * x; make it take raw x with the same function (and ranking).
@@ -735,37 +500,16 @@ class _MatryoshkaTopKMixin:
         self.cfg.normalize_activations = "none"
 
 
-class _RemoveRadialGradient(torch.autograd.Function):
-    """Identity on unit-norm decoder rows w whose backward drops the gradient component along w:
-    g -> g - (g . w) w, the authors' radial gradient removal (= the gradient of w / ||w|| at ||w|| = 1)."""
-
-    @staticmethod
-    def forward(ctx, weight):
-        ctx.save_for_backward(weight)
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return torch.addcmul(grad, torch.linalg.vecdot(grad, weight).unsqueeze(-1), weight, value=-1)
-
-
-class MatryoshkaTopKSAE(_MatryoshkaTopKMixin, SAE[MatryoshkaTopKSAEConfig]):
+class MatryoshkaTopKSAE(_MatryoshkaTopKBase, SAE[MatryoshkaTopKSAEConfig]):
     """Inference Matryoshka SAE: ``encode(x)`` gives ReLU latents, ``encode(x, k=64)`` TopK latents,
     ``reconstructions(x, ks=[16, 64, 256, None])`` several reconstructions at once. Takes raw activations."""
-
-    b_enc: nn.Parameter
 
     def __init__(self, cfg: MatryoshkaTopKSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
 
 
-class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopKTrainingSAEConfig]):
-    """Training Matryoshka SAE: nested TopK losses from one encoder pass (see module docstring)."""
-
-    b_enc: nn.Parameter
-    # how the level reconstructions are computed; benchmarks swap in ``naive_topk_reconstructions``
-    nested_decode = staticmethod(nested_topk_reconstructions)
+class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKBase, TrainingSAE[MatryoshkaTopKTrainingSAEConfig]):
+    """Training Matryoshka SAE: nested TopK losses from one encoder pass (see the module docstring)."""
 
     def __init__(self, cfg: MatryoshkaTopKTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -775,6 +519,7 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
         # unit rows again changes their last bits, so a resumed run would drift from an uninterrupted one
         self._decoder_rows_normalised = False
 
+    @override
     def _decoder_and_row_norms(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.cfg.normalize_decoder:
             return self.W_dec / self.W_dec.norm(dim=-1, keepdim=True), None
@@ -785,12 +530,15 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
         """Rescale W_dec rows to norm 1 in place (a no-op on the function when ``normalize_decoder``)."""
         self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
+    @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
         return {}
 
+    @override
     def calculate_aux_loss(self, step_input, feature_acts, hidden_pre, sae_out) -> dict[str, torch.Tensor]:
         return {}  # the method has no auxiliary loss
 
+    @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_pre = self._hidden_pre(self._prepare_input(x))
         z = F.relu(hidden_pre)
@@ -807,6 +555,7 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
             return [((r - target).pow(2).sum(-1) / variance).mean() for r in reconstructions]
         return [(r - target).pow(2).sum(-1).mean() for r in reconstructions]
 
+    @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """One encoder pass, nested level reconstructions, loss = sum_i a_i L_i (weights normalised)."""
         if self.cfg.normalize_decoder and not self._decoder_rows_normalised:
@@ -815,9 +564,9 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
         raw = step_input.sae_in
         if self.cfg.standardize_input and not self.input_standardization_is_set:
             warnings.warn(
-                "standardize_input=True but no statistics were set; estimating input_mean/input_scale from the "
-                f"first training batch ({raw.shape[0]} rows). Call sae.fit_input_standardization(batches) "
-                "before training for a better estimate.",
+                "standardize_input=True but no statistics were set; estimating input_mean/input_scale from "
+                f"the first training batch ({raw.shape[0]} rows). Call "
+                "sae.fit_input_standardization(batches) before training for a better estimate.",
                 stacklevel=2,
             )
             self.fit_input_standardization([raw.detach()])
@@ -825,18 +574,17 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
         hidden_pre = self._hidden_pre(target)
         z = self.hook_sae_acts_post(F.relu(hidden_pre))
         if self.cfg.normalize_decoder:
-            # W_dec has unit rows now, so W_dec / ||W_dec|| = W_dec; this gives the same gradient, (I - w w^T) g
+            # W_dec has unit rows now, so W_dec / ||W_dec|| = W_dec; this gives its gradient, (I - w w^T) g
             decoder, row_norms = _RemoveRadialGradient.apply(self.W_dec), None
         else:
             decoder, row_norms = self._decoder_and_row_norms()
         levels = self.cfg.k_levels
-        decoded = self.nested_decode(z, decoder, levels, scores=self._topk_scores(z, row_norms))
-        # levels at or above the batch's largest number of positive latents share one decode, hence one loss
-        distinct = {id(y): y for y in decoded}
-        recon_of = {key: self.hook_sae_recons(y + self.b_dec) for key, y in distinct.items()}
-        loss_of = dict(zip(recon_of, self.level_losses(list(recon_of.values()), target)))
-        recons = [recon_of[id(y)] for y in decoded]
-        losses_per_level = [loss_of[id(y)] for y in decoded]
+        # the levels at or above the batch's largest number of positive latents share one decode: the
+        # decode returns it once, so its loss is computed once
+        decoded = nested_reconstructions(z, decoder, levels, scores=self._topk_scores(z, row_norms))
+        distinct_recons = [self.hook_sae_recons(y + self.b_dec) for y in decoded]
+        recons = _per_level(distinct_recons, len(levels))
+        losses_per_level = _per_level(self.level_losses(distinct_recons, target), len(levels))
         loss = sum(w * level_loss for w, level_loss in zip(self.level_weights, losses_per_level))
 
         name = self.cfg.reconstruction_loss
@@ -866,8 +614,9 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
             metrics=metrics,
         )
 
-    # -- folding and saving -------------------------------------------------------------------------------------
+    # -- folding and saving ----------------------------------------------------------------------------------
 
+    @override
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
         if self.cfg.normalize_decoder:
@@ -875,11 +624,13 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKMixin, TrainingSAE[MatryoshkaTopK
         else:
             super().fold_W_dec_norm()
 
+    @override
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         if self.cfg.normalize_decoder:  # the same operation as ``set_decoder_norm_to_unit_norm``, bit for bit
             w = state_dict["W_dec"]
             state_dict["W_dec"] = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
+    @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_loading(state_dict)
         # saved rows were normalised on saving: the next step uses them as they are (exact resume)
@@ -904,12 +655,9 @@ __all__ = [
     "MatryoshkaTopKSAEConfig",
     "MatryoshkaTopKTrainingSAE",
     "MatryoshkaTopKTrainingSAEConfig",
+    "StandardizeScale",
     "default_k_levels",
     "estimate_input_standardization",
-    "gather_decode",
     "level_weights",
-    "naive_topk_reconstructions",
-    "nested_topk_reconstructions",
-    "plan_nested_decode",
     "validate_k_levels",
 ]

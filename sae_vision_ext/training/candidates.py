@@ -18,152 +18,35 @@ Streaming, for datasets far larger than memory (every step reads the rows chunk 
 
 Memory: ``sample_rows * d * 4`` bytes for the sample plus ``n' * d`` for the centroids.
 
-The candidates file is a safetensors file with ``candidates`` [n', d] (data space),
-``centroids_standardized`` [n', d], ``mean`` [d], ``std`` [d], ``counts`` [n'] and JSON metadata. The
-archetypal SAE configs point to it with ``candidates_path``.
+The result is saved as a candidates file (safetensors; layout, writer and readers in
+``sae_vision_ext.saes.candidates_file``, re-exported here); the archetypal SAE configs point to it with
+``candidates_path``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-CANDIDATES_KEY = "candidates"
+from sae_vision_ext.activations.rows import as_float32_rows
+from sae_vision_ext.saes.candidates_file import Candidates
+from sae_vision_ext.saes.candidates_file import candidates_shape as candidates_shape
+from sae_vision_ext.saes.candidates_file import load_candidates as load_candidates
+from sae_vision_ext.saes.candidates_file import load_candidates_file as load_candidates_file
+
 KMEANS_PP_MAX_K = 4096  # kmeans_init="auto": k-means++ seeding up to this many centroids, random above
-FORMAT_NAME = "sae_vision_ext.candidates/1"
-
-
-# --------------------------------------------------------------------------------------------- row sources
-class RowSource:
-    """A re-iterable source of activation rows: every ``iter()`` restarts and yields float32 [n, d] chunks."""
-
-    def __init__(self, make_iter: Callable[[], Iterator[Any]], d: int | None = None, n_rows: int | None = None,
-                 description: str = "rows"):
-        self._make_iter = make_iter
-        self.d = d
-        self.n_rows = n_rows
-        self.description = description
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for chunk in self._make_iter():
-            yield _as_float32_rows(chunk)
-
-    def __repr__(self) -> str:
-        return f"RowSource({self.description}, n_rows={self.n_rows}, d={self.d})"
-
-
-def _as_float32_rows(chunk: Any) -> np.ndarray:
-    if isinstance(chunk, torch.Tensor):
-        chunk = chunk.detach().to("cpu", torch.float32).numpy()
-    chunk = np.asarray(chunk, dtype=np.float32)
-    if chunk.ndim != 2:
-        chunk = chunk.reshape(-1, chunk.shape[-1])
-    return np.ascontiguousarray(chunk)
-
-
-def rows_from_array(rows: np.ndarray | torch.Tensor, chunk_rows: int = 65536) -> RowSource:
-    """Row source over an in-memory (or memory-mapped) 2-D array or tensor."""
-    if rows.ndim != 2:
-        raise ValueError(f"expected a 2-D array of rows [n, d], got shape {tuple(rows.shape)}")
-
-    def make() -> Iterator[Any]:
-        for start in range(0, rows.shape[0], chunk_rows):
-            yield rows[start : start + chunk_rows]
-
-    return RowSource(make, d=int(rows.shape[1]), n_rows=int(rows.shape[0]), description="array")
-
-
-def rows_from_file(path: str | Path, chunk_rows: int = 65536, key: str | None = None) -> RowSource:
-    """Row source over a ``.npy`` file (memory-mapped) or one 2-D tensor of a ``.safetensors`` file."""
-    path = Path(path)
-    if path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r")
-        src = rows_from_array(arr, chunk_rows)
-        src.description = str(path)
-        return src
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            if key is None:
-                if len(keys) != 1:
-                    raise ValueError(f"{path} holds tensors {keys}; choose one with key=/--key")
-                key = keys[0]
-            if key not in keys:
-                raise ValueError(f"{path} has no tensor {key!r}; it holds {keys}")
-            shape = f.get_slice(key).get_shape()
-        if len(shape) != 2:
-            raise ValueError(f"tensor {key!r} in {path} has shape {shape}; expected [n_rows, d]")
-
-        def make() -> Iterator[Any]:
-            with safe_open(str(path), framework="pt") as f:
-                sl = f.get_slice(key)
-                for start in range(0, shape[0], chunk_rows):
-                    yield sl[start : start + chunk_rows]
-
-        return RowSource(make, d=int(shape[1]), n_rows=int(shape[0]), description=f"{path}:{key}")
-    raise ValueError(f"unsupported row file {path}: use .npy, .safetensors or an activation-cache directory")
-
-
-def rows_from_activation_cache(path: str | Path, hook_name: str | None = None,
-                               chunk_rows: int = 65536) -> RowSource:
-    """Row source over an activation cache: an HF ``datasets`` dataset saved with ``save_to_disk`` whose
-    column (named after the hook) holds ``Array2D(context_size, d)`` examples; every token row is a row."""
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise ValueError(f"{path} is a DatasetDict without a 'train' split: {list(ds)}")
-        ds = ds["train"]
-    columns = list(ds.column_names)
-    if hook_name is None:
-        if len(columns) != 1:
-            raise ValueError(f"{path} has columns {columns}; choose the hook column with --hook (hook_name=)")
-        hook_name = columns[0]
-    if hook_name not in columns:
-        raise ValueError(f"{path} has no column {hook_name!r}; its columns are {columns}")
-    shape = getattr(ds.features[hook_name], "shape", None)
-    if shape is None:
-        first = np.asarray(ds.with_format("numpy")[0][hook_name])
-        shape = first.shape
-    d = int(shape[-1])
-    rows_per_example = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    examples_per_chunk = max(1, chunk_rows // max(rows_per_example, 1))
-    n_examples = len(ds)
-
-    def make() -> Iterator[Any]:
-        view = ds.with_format("numpy", columns=[hook_name])
-        for start in range(0, n_examples, examples_per_chunk):
-            yield np.asarray(view[start : start + examples_per_chunk][hook_name]).reshape(-1, d)
-
-    return RowSource(make, d=d, n_rows=n_examples * rows_per_example, description=f"{path}:{hook_name}")
-
-
-def open_row_source(path: str | Path, hook_name: str | None = None, chunk_rows: int = 65536) -> RowSource:
-    """Open an activation-cache directory, a ``.npy`` file or a ``.safetensors`` file as a row source."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no activation rows at {path}")
-    if path.is_dir():
-        return rows_from_activation_cache(path, hook_name=hook_name, chunk_rows=chunk_rows)
-    return rows_from_file(path, chunk_rows=chunk_rows, key=hook_name)
 
 
 def _limit_rows(source: Iterable[np.ndarray], max_rows: int | None) -> Iterator[np.ndarray]:
     seen = 0
     for chunk in source:
-        chunk = _as_float32_rows(chunk)
+        chunk = as_float32_rows(chunk)
         if max_rows is not None:
             if seen >= max_rows:
                 return
@@ -237,95 +120,6 @@ class Reservoir:
     @property
     def sample(self) -> np.ndarray:
         return self.rows[: self.filled]
-
-
-# ------------------------------------------------------------------------------------------------- results
-@dataclass
-class Candidates:
-    """k-means candidates: ``candidates`` in data space (what the SAE uses) plus the standardisation."""
-
-    candidates: torch.Tensor  # [n', d], data space
-    centroids_standardized: torch.Tensor  # [n', d]
-    mean: torch.Tensor  # [d]
-    std: torch.Tensor  # [d]
-    counts: torch.Tensor  # [n'] rows assigned to each centroid (sample, or whole stream if refined)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_points(cls, points: torch.Tensor, **metadata: Any) -> Candidates:
-        """Wrap arbitrary candidate points [n', d] (no standardisation: mean 0, std 1)."""
-        points = torch.as_tensor(points).detach().float()
-        n, d = points.shape
-        return cls(points, points.clone(), torch.zeros(d), torch.ones(d), torch.zeros(n, dtype=torch.int64),
-                   dict(metadata))
-
-    def save(self, path: str | Path) -> Path:
-        """Write the candidates file (safetensors) that ``candidates_path`` in an archetypal SAE config reads."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            CANDIDATES_KEY: self.candidates.detach().cpu().float().clone(),
-            "centroids_standardized": self.centroids_standardized.detach().cpu().float().clone(),
-            "mean": self.mean.detach().cpu().float().clone(),
-            "std": self.std.detach().cpu().float().clone(),
-            "counts": self.counts.detach().cpu().to(torch.int64).clone(),
-        }
-        meta = {"format": FORMAT_NAME, "metadata": json.dumps(self.metadata)}
-        save_file(tensors, str(path), metadata=meta)
-        return path
-
-
-def candidates_shape(path: str | Path) -> tuple[int, int]:
-    """(n_candidates, d) of a candidates file, read from its header only."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"candidates file not found: {path} (create one with `sae-vision candidates`)")
-    with safe_open(str(path), framework="pt") as f:
-        if CANDIDATES_KEY not in f.keys():
-            raise ValueError(f"{path} is not a candidates file: no {CANDIDATES_KEY!r} tensor (has {list(f.keys())})")
-        shape = f.get_slice(CANDIDATES_KEY).get_shape()
-    if len(shape) != 2:
-        raise ValueError(f"candidates in {path} have shape {shape}; expected [n_candidates, d]")
-    return int(shape[0]), int(shape[1])
-
-
-def load_candidates(path: str | Path, space: Literal["data", "standardized"] = "data") -> torch.Tensor:
-    """Candidate points [n', d] from a candidates file, in data space (default) or standardised space."""
-    from safetensors.torch import load_file
-
-    candidates_shape(path)  # clear errors for missing / foreign files
-    tensors = load_file(str(path))
-    if space == "data":
-        return tensors[CANDIDATES_KEY]
-    if space == "standardized":
-        if "centroids_standardized" not in tensors:
-            raise ValueError(f"{path} holds no standardised centroids; use space='data'")
-        return tensors["centroids_standardized"]
-    raise ValueError(f"space must be 'data' or 'standardized', got {space!r}")
-
-
-def load_candidates_file(path: str | Path) -> Candidates:
-    """Every tensor and the metadata of a candidates file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    candidates_shape(path)
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    n, d = tensors[CANDIDATES_KEY].shape
-    return Candidates(
-        candidates=tensors[CANDIDATES_KEY],
-        centroids_standardized=tensors.get("centroids_standardized", tensors[CANDIDATES_KEY]),
-        mean=tensors.get("mean", torch.zeros(d)),
-        std=tensors.get("std", torch.ones(d)),
-        counts=tensors.get("counts", torch.zeros(n, dtype=torch.int64)),
-        metadata=json.loads(meta.get("metadata", "{}")),
-    )
 
 
 # ----------------------------------------------------------------------------------------------- k-means

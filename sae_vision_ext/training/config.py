@@ -1,13 +1,14 @@
 """``VisionSAERunnerConfig``: everything a vision SAE training run needs, in SAELens's style.
 
-The ``sae`` field takes any registered training architecture config (SAELens's built-ins and the plugin's), e.g.
-``MatryoshkaTopKTrainingSAEConfig`` or ``TopKTrainingSAEConfig``. The other defaults are the MSAE paper's setting
-(Zaigrajew et al. 2025): CLIP ViT-L/14's projected image embedding, batch 4096, lr 1e-4, constant learning rate
-then linear decay to zero over the last 20% of steps, one pass over CC3M's 2,905,936 images. Small runs override
-them (see ``sae_vision_ext.quickstart``).
+The ``sae`` field takes any registered training architecture config (SAELens's built-ins and the plugin's),
+e.g. ``MatryoshkaTopKTrainingSAEConfig`` or ``TopKTrainingSAEConfig``. The other defaults are the MSAE paper's
+setting (Zaigrajew et al. 2025): CLIP ViT-L/14's projected image embedding, batch 4096, lr 1e-4, constant
+learning rate then linear decay to zero over the last 20% of steps, one pass over CC3M's 2,905,936 images.
+Small runs override them (see ``sae_vision_ext.quickstart``).
 
-Config files are YAML or JSON with the same field names; ``sae`` is a mapping with an ``architecture`` key plus that
-architecture's fields. ``apply_overrides`` takes ``key=value`` strings (``sae.d_sae=4096``, ``lr=3e-4``).
+Config files are YAML or JSON with the same field names; ``sae`` is a mapping with an ``architecture`` key
+plus that architecture's fields. ``apply_overrides`` takes ``key=value`` strings (``sae.d_sae=4096``,
+``lr=3e-4``).
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
 from simple_parsing.helpers import field as _simple_parsing_field
 
 from sae_vision_ext.activations.options import ALL_SELECTIONS, AUGMENTATIONS, resolve_hooks
 
 # CC3M train images: the MSAE paper's training set (the count appears in the released checkpoints' names)
 CC3M_TRAIN_IMAGES = 2_905_936
-RUNNER_CFG_FILENAME = "runner_cfg.json"
 
 
 def option(default: Any, *aliases: str, help: str = "", cmd: bool = True, **argparse_kwargs: Any) -> Any:
-    """A config field that is also a command-line flag (``--field-name``, plus ``aliases``), via simple_parsing."""
+    """A config field that is also a command-line flag (``--field-name``, plus ``aliases``), via
+    simple_parsing."""
     if isinstance(default, (list, dict)):
         argparse_kwargs["default_factory"] = lambda: type(default)(default)
     else:
@@ -39,6 +41,7 @@ def option(default: Any, *aliases: str, help: str = "", cmd: bool = True, **argp
 
 
 def _logging_config(**kwargs: Any):
+    # heavy: SAELens is imported when a config is built, so `sae-vision <command> --help` stays instant
     from sae_lens.config import LoggingConfig
 
     kwargs.setdefault("log_to_wandb", False)
@@ -49,46 +52,73 @@ def _logging_config(**kwargs: Any):
 class VisionSAERunnerConfig:
     """Configuration for training SAEs on a vision model's activations (each field is also a flag).
 
-    Model: a load_vision_model spec, with its pretrained weights (downloaded when needed), a local weights file,
-    or (pretrained=False) a random init drawn from the seed. Hooks: one or several (one SAE per hook, one forward
-    pass). Tokens: cls | registers | prefix | patches | all rows of a token hook, or pooled / embed (one row per
-    image). Data: a hub dataset, a save_to_disk folder or an image folder, or a cache written by sae-vision
-    cache. Training and schedule use SAELens's names, counted in rows. Held-out metrics at the end come from
-    eval_dataset_path or eval_holdout_images training images. Defaults: the MSAE paper's setting.
+    Model: a load_vision_model spec, with its pretrained weights (downloaded when needed), a local weights
+    file, or (pretrained=False) a random init drawn from the seed. Hooks: one or several (one SAE per hook,
+    one forward pass). Tokens: cls | registers | prefix | patches | all rows of a token hook, or pooled /
+    embed (one row per image). Data: a hub dataset, a save_to_disk folder or an image folder, or a cache
+    written by sae-vision cache. Training and schedule use SAELens's names, counted in rows. Held-out metrics
+    at the end come from eval_dataset_path or eval_holdout_images training images. Defaults: the MSAE paper's
+    setting.
     """
 
     sae: Any = option(None, cmd=False)  # a TrainingSAEConfig or its dict; None only for caching activations
 
     # model
-    model_name: str = option("open_clip:ViT-L-14/openai", "--model",
-                             help="load_vision_model spec: timm:<name>[.<tag>] or open_clip:<arch>/<tag>")
-    pretrained: bool = option(True, help="pretrained weights (downloaded if needed); --random-init for random ones")
-    model_weights: str | None = option(None, "--weights", help="local weights file for the model (wins over the hub)")
+    model_name: str = option(
+        "open_clip:ViT-L-14/openai",
+        "--model",
+        help="load_vision_model spec: timm:<name>[.<tag>] or open_clip:<arch>/<tag>",
+    )
+    pretrained: bool = option(
+        True, help="pretrained weights (downloaded if needed); --random-init for random ones"
+    )
+    model_weights: str | None = option(
+        None, "--weights", help="local weights file for the model (wins over the hub)"
+    )
     img_size: int | None = option(None, help="input resolution (position embeddings resampled)")
     model_device: str | None = option(None, help="device of the vision model (default: --device)")
     autocast_model: bool = option(False, help="run the vision model under autocast")
 
     # hooks and tokens
-    hook_name: str | list[str] = option("hook_image_embed", "--hook", nargs="+", required=False,
-                                        help="hook name(s): one SAE per hook, all from one forward pass")
-    token_selection: str = option("embed", "--tokens", choices=ALL_SELECTIONS, help="which tokens become rows")
+    hook_name: str | list[str] = option(
+        "hook_image_embed",
+        "--hook",
+        nargs="+",
+        required=False,
+        help="hook name(s): one SAE per hook, all from one forward pass",
+    )
+    token_selection: str = option(
+        "embed", "--tokens", choices=ALL_SELECTIONS, help="which tokens become rows"
+    )
 
     # images
-    dataset_path: str = option("", "--dataset", help="hub dataset name, save_to_disk folder or image folder")
+    dataset_path: str = option(
+        "",
+        "--dataset",
+        help="hub dataset name, save_to_disk folder, image folder, or a "
+        "stream read in order: tar shards ('s-{000..009}.tar', a folder of .tar) or "
+        "hf-stream:NAME[:SPLIT]",
+    )
     dataset_split: str = option("train", "--split", help="dataset split")
     image_column: str | None = option(None, help="image column of a HF dataset (default: detected)")
-    augment: str = option("none", choices=AUGMENTATIONS, help="crop_flip: a new random view per image position")
+    augment: str = option(
+        "none", choices=AUGMENTATIONS, help="crop_flip: a new random view per image position"
+    )
     crop_scale: tuple[float, float] = option((0.35, 1.0), help="area range of the random resized crops")
     shuffle_images: bool = option(True, help="visit the images in a seeded random order")
     model_batch_size: int = option(64, help="images per forward pass")
     num_workers: int = option(4, "--workers", help="DataLoader worker processes decoding images")
     prefetch_batches: int = option(2, help="forward passes the model may run ahead of training")
-    allow_repeat: bool = option(False, help="allow more image positions than the dataset holds without augmentation")
+    allow_repeat: bool = option(
+        False, help="allow more image positions than the dataset holds without augmentation"
+    )
 
     # mixing buffer
     buffer_size_rows: int = option(65536, help="SAELens mixing buffer (rows)")
     activations_mixing_fraction: float = option(0.5, help="fraction of the buffer kept for mixing")
-    images_per_segment: int | None = option(None, help="stream stretch a resume may replay (default ~4 buffers)")
+    images_per_segment: int | None = option(
+        None, help="stream stretch a resume may replay (default ~4 buffers)"
+    )
 
     # on-disk cache
     use_cached_activations: bool = option(False, cmd=False)
@@ -97,9 +127,13 @@ class VisionSAERunnerConfig:
     images_per_shard: int = option(4096, "--shard-images", help="images per cache shard")
 
     # evaluation on held-out images
-    eval_dataset_path: str | None = option(None, "--eval-dataset", help="held-out images (or cache) for the metrics")
+    eval_dataset_path: str | None = option(
+        None, "--eval-dataset", help="held-out images (or cache) for the metrics"
+    )
     eval_dataset_split: str = option("validation", "--eval-split", help="split of --eval-dataset")
-    eval_holdout_images: int = option(0, "--holdout", help="hold out this many training images for the metrics")
+    eval_holdout_images: int = option(
+        0, "--holdout", help="hold out this many training images for the metrics"
+    )
     n_eval_images: int = option(512, help="held-out views evaluated at the end")
     eval_augment: str | None = option(None, help="augmentation of the held-out views (default: --augment)")
 
@@ -110,7 +144,9 @@ class VisionSAERunnerConfig:
     lr_end: float | None = option(None, help="final learning rate of the decay (default lr / 10)")
     lr_scheduler_name: str = option("constant", help="SAELens lr scheduler")
     lr_warm_up_steps: int = option(0, help="warm-up steps")
-    lr_decay_steps: int | None = option(None, help="decay steps (default: the last --lr-decay-fraction of steps)")
+    lr_decay_steps: int | None = option(
+        None, help="decay steps (default: the last --lr-decay-fraction of steps)"
+    )
     lr_decay_fraction: float = option(0.2, help="fraction of steps of the final linear decay")
     n_restart_cycles: int = option(1, help="SAELens lr restart cycles")
     adam_beta1: float = option(0.9, help="Adam beta1")
@@ -125,8 +161,13 @@ class VisionSAERunnerConfig:
     checkpoint_path: str | None = option(None, help="checkpoint folder (default <output>/checkpoints)")
     n_checkpoints: int = option(0, "--checkpoints", help="evenly spaced checkpoints")
     save_final_checkpoint: bool = option(False, help="also write a checkpoint at the end")
-    resume_from_checkpoint: str | None = option(None, "--resume", nargs="?", const="latest",
-                                                help="continue from the latest checkpoint (or this folder)")
+    resume_from_checkpoint: str | None = option(
+        None,
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="continue from the latest checkpoint (or this folder)",
+    )
 
     # misc
     seed: int = option(42, help="seed of the SAE init, data order, augmentation and random model weights")
@@ -149,16 +190,21 @@ class VisionSAERunnerConfig:
             self.hook_name = self.hook_name[0]
         self.crop_scale = tuple(float(v) for v in self.crop_scale)
         if self.token_selection not in ALL_SELECTIONS:
-            raise ValueError(f"token_selection must be one of {', '.join(ALL_SELECTIONS)}; got {self.token_selection!r}")
+            raise ValueError(
+                f"token_selection must be one of {', '.join(ALL_SELECTIONS)}; got {self.token_selection!r}"
+            )
         resolve_hooks(self.hook_name, self.token_selection)
         for name, value in (("augment", self.augment), ("eval_augment", self.eval_augment or "none")):
             if value not in AUGMENTATIONS:
                 raise ValueError(f"{name} must be one of {AUGMENTATIONS}, got {value!r}")
         if self.use_cached_activations and not self.cached_activations_path:
-            raise ValueError("use_cached_activations needs cached_activations_path (write one with `sae-vision cache`)")
+            raise ValueError(
+                "use_cached_activations needs cached_activations_path (write one with `sae-vision cache`)"
+            )
         if self.train_batch_size_rows <= 0 or self.training_rows < self.train_batch_size_rows:
             raise ValueError(
-                f"training_rows ({self.training_rows}) must be at least one batch ({self.train_batch_size_rows})"
+                f"training_rows ({self.training_rows}) must be at least one batch "
+                f"({self.train_batch_size_rows})"
             )
         if not 0.0 <= self.activations_mixing_fraction <= 1.0:
             raise ValueError("activations_mixing_fraction must be in [0, 1]")
@@ -184,6 +230,7 @@ class VisionSAERunnerConfig:
 
     def to_sae_trainer_config(self, checkpoint_path: str | None = None):
         """SAELens ``SAETrainerConfig`` (``checkpoint_path`` overrides where SAELens writes checkpoints)."""
+        # heavy: SAELens is imported when a config is built, so `sae-vision <command> --help` stays instant
         from sae_lens.config import SAETrainerConfig
 
         return SAETrainerConfig(
@@ -220,8 +267,10 @@ class VisionSAERunnerConfig:
     def from_dict(cls, data: dict[str, Any]) -> VisionSAERunnerConfig:
         data = dict(data)
         if "sae" not in data:
-            raise ValueError("the config needs an 'sae' section with an 'architecture' and its fields "
-                             "(sae: null for a cache-only config)")
+            raise ValueError(
+                "the config needs an 'sae' section with an 'architecture' and its fields "
+                "(sae: null for a cache-only config)"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -241,13 +290,17 @@ _SIMPLE_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 def check_field_types(config: Any) -> None:
     """Fields typed int / float / str / bool (or ``| None``) must hold such a value: a config file's
-    ``training_rows: 300.7`` or ``lr: fast`` is an error naming the field, not a surprise later. YAML 1.1 reads
-    ``1e-4`` as a string; float fields accept it."""
+    ``training_rows: 300.7`` or ``lr: fast`` is an error naming the field, not a surprise later. YAML 1.1
+    reads ``1e-4`` as a string; float fields accept it."""
     for f in fields(config):
         parts = _type_names(f.type)
         value = getattr(config, f.name)
         simple = [part for part in parts if part in _SIMPLE_TYPES]
-        if not simple or len(simple) != len([p for p in parts if p != "None"]) or (value is None and "None" in parts):
+        if (
+            not simple
+            or len(simple) != len([p for p in parts if p != "None"])
+            or (value is None and "None" in parts)
+        ):
             continue  # a type this check does not cover, or an allowed None
         if "float" in simple and isinstance(value, str):
             try:
@@ -256,12 +309,15 @@ def check_field_types(config: Any) -> None:
             except ValueError:
                 pass
         if not any(_fits(value, _SIMPLE_TYPES[part]) for part in simple):
-            raise ValueError(f"config field {f.name} must be {' or '.join(simple)}"
-                             f"{' or null' if 'None' in parts else ''}, got {value!r}")  # fmt: skip
+            raise ValueError(
+                f"config field {f.name} must be {' or '.join(simple)}"
+                f"{' or null' if 'None' in parts else ''}, got {value!r}"
+            )
 
 
 def _type_names(annotation: Any) -> list[str]:
-    """``"int | None"`` or ``int | None`` (simple_parsing resolves the annotations in place) -> ``["int", "None"]``."""
+    """``"int | None"`` or ``int | None`` (simple_parsing resolves the annotations in place) -> ``["int",
+    "None"]``."""
     if isinstance(annotation, str):
         return [part.strip() for part in annotation.split("|")]
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
@@ -281,16 +337,19 @@ def _fits(value: Any, kind: type) -> bool:
 
 def sae_config_from_dict(data: dict[str, Any]):
     """Any registered training architecture's config from ``{"architecture": name, ...fields}``."""
+    # heavy: SAELens is imported when a config is built, so `sae-vision <command> --help` stays instant
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
     from sae_lens.saes.sae import TrainingSAEConfig
 
-    import sae_vision_ext  # noqa: F401  (registers the plugin's architectures)
+    from sae_vision_ext.saes import register_architectures
 
+    register_architectures()
     if "architecture" not in data:
         raise ValueError("the sae section needs an 'architecture' (e.g. matryoshka_topk, topk, standard)")
     if data["architecture"] not in SAE_TRAINING_CLASS_REGISTRY:
         raise ValueError(
-            f"unknown SAE architecture {data['architecture']!r}; registered: {sorted(SAE_TRAINING_CLASS_REGISTRY)}"
+            f"unknown SAE architecture {data['architecture']!r}; registered: "
+            f"{sorted(SAE_TRAINING_CLASS_REGISTRY)}"
         )
     cfg_cls = SAE_TRAINING_CLASS_REGISTRY[data["architecture"]][1]
     valid = {f.name for f in fields(cfg_cls)} | {"architecture", "metadata"}
@@ -301,15 +360,16 @@ def sae_config_from_dict(data: dict[str, Any]):
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A config mapping from a ``.yaml`` / ``.yml`` / ``.json`` file; a file that is not one raises ValueError."""
-    import yaml
-
+    """A config mapping from a ``.yaml`` / ``.yml`` / ``.json`` file; a file that is not one raises
+    ValueError."""
     text = Path(path).read_text()
     try:
         data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid {'YAML' if str(path).endswith(('.yaml', '.yml')) else 'JSON'}: "
-                         f"{str(err).splitlines()[0]}") from err  # fmt: skip
+        raise ValueError(
+            f"{path} is not valid {'YAML' if str(path).endswith(('.yaml', '.yml')) else 'JSON'}: "
+            f"{str(err).splitlines()[0]}"
+        ) from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of config fields")
     return data
@@ -317,8 +377,6 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def parse_value(text: str) -> Any:
     """``'3e-4' -> 0.0003``, ``'[1, 2]' -> [1, 2]``, ``'none' -> None``; anything else stays a string."""
-    import yaml
-
     if text.strip().lower() in ("none", "null"):
         return None
     try:

@@ -16,24 +16,27 @@ How this is done without touching ``SAETrainer`` (which calls ``sae.training_for
   ``loss.backward()``, i.e. before ``clip_grad_norm_`` and ``optimizer.step()`` (:class:`GradientAverager`);
 - identical start: parameters and buffers are broadcast from rank 0 (:func:`broadcast_module`);
 - per-batch statistics (:class:`DistributedSAETrainer`): after each step the firing counts are summed over
-  ranks (``act_freq_scores``), a latent counts as fired if it fired on any rank (``n_forward_passes_since_fired``,
-  which drives the dead-latent mask of the TopK auxiliary loss), and floating-point buffers are averaged;
-- activation normalisation (``expected_average_only_in``, ``covariance_whitening``) is estimated by SAELens's own
-  ``ActivationScaler`` on the *gathered* global batches, so every rank gets the single-process statistics;
-- checkpoints are written by rank 0 only, followed by a barrier; resume loads the same checkpoint on every rank;
-- a data provider that raises on one rank (a SIGTERM handler, an exhausted stream) stops every rank at the same
-  step (:class:`StoppedOnAnotherRank` on the others) instead of leaving them blocked in a collective.
+  ranks (``act_freq_scores``), a latent counts as fired if it fired on any rank
+  (``n_forward_passes_since_fired``, which drives the dead-latent mask of the TopK auxiliary loss), and
+  floating-point buffers are averaged;
+- activation normalisation (``expected_average_only_in``, ``covariance_whitening``) is estimated by SAELens's
+  own ``ActivationScaler`` on the *gathered* global batches, so every rank gets the single-process statistics;
+- checkpoints are written by rank 0 only, followed by a barrier; resume loads the same checkpoint on every
+  rank;
+- a data provider that raises on one rank (a SIGTERM handler, an exhausted stream) stops every rank at the
+  same step (:class:`StoppedOnAnotherRank` on the others) instead of leaving them blocked in a collective.
 
-Exact only for losses that are means of per-row terms (standard, TopK + AuxK, JumpReLU, gated, and the plugin's
-nested-k Matryoshka loss with ``reconstruction_loss="mse"``). Not exact, equivalent in distribution: BatchTopK
-selects the top ``k * b`` activations of the *local* batch and its running threshold becomes the mean of the
-per-rank estimates; the Matryoshka ``"nmse"`` loss divides by the local batch's variance. Several SAEs at once
-(SAELens's ``MultiSAETrainer``) are not covered: it builds plain ``SAETrainer`` objects internally. The
-``TrainStepOutput`` (and so wandb's loss curves, logged by rank 0 only) describes rank 0's local batch.
+Exact only for losses that are means of per-row terms (standard, TopK + AuxK, JumpReLU, gated, and the
+plugin's nested-k Matryoshka loss with ``reconstruction_loss="mse"``). Not exact, equivalent in distribution:
+BatchTopK selects the top ``k * b`` activations of the *local* batch and its running threshold becomes the
+mean of the per-rank estimates; the Matryoshka ``"nmse"`` loss divides by the local batch's variance. Several
+SAEs at once (SAELens's ``MultiSAETrainer``) are not covered: it builds plain ``SAETrainer`` objects
+internally. The ``TrainStepOutput`` (and so wandb's loss curves, logged by rank 0 only) describes rank 0's
+local batch.
 
-Resume: ``DistributedSAETrainer.load_trainer_state`` also fixes two things in SAELens 6.54's resume (any world
-size): intermediate checkpoints store ``n_training_steps`` one short, and checkpoint thresholds already passed are
-not dropped (the first step after a resume would write another checkpoint).
+Resume: ``DistributedSAETrainer.load_trainer_state`` also applies ``_saelens_compat.fix_resumed_counters``
+(any world size): SAELens 6.54's intermediate checkpoints store ``n_training_steps`` one short, and checkpoint
+thresholds already passed are not dropped (the first step after a resume would write another checkpoint).
 
 Launch: ``torchrun --nproc_per_node N -m sae_vision_ext.cli train-distributed --cache DIR ...`` (see
 ``sae-vision train-distributed --help``), or :func:`spawn_local` to start N local processes from Python
@@ -42,7 +45,6 @@ Launch: ``torchrun --nproc_per_node N -m sae_vision_ext.cli train-distributed --
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +53,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from sae_lens.training.sae_trainer import SAETrainer
+
+from sae_vision_ext._saelens_compat import fix_resumed_counters, progress_bars_off
 
 __all__ = [
     "DistributedContext",
@@ -81,14 +85,16 @@ from sae_vision_ext.activations.process_group import (  # noqa: F401 - re-export
     init_distributed,
     spawn_local,
 )
+from sae_vision_ext.activations.rows import CachedActivationRows  # noqa: F401 - re-exported
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Gradients and parameters
 
 
 @torch.no_grad()
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
-    """Copy ``src``'s parameters and buffers to every rank (identical initialisation without a shared seed)."""
+    """Copy ``src``'s parameters and buffers to every rank (identical initialisation without a shared
+    seed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     for tensor in [*module.parameters(), *module.buffers()]:
@@ -128,7 +134,7 @@ class GradientAverager:
         self.handles = []
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Rank-sliced input
 
 
@@ -146,10 +152,10 @@ def rank_slice(global_batch_size: int, rank: int, world_size: int) -> slice:
 class RankBatches(Iterator[torch.Tensor]):
     """Rank ``rank``'s share of each global batch of ``rows``, endlessly (epoch after epoch).
 
-    Epoch e visits ``rows`` in ``order_e`` (identity, or ``randperm`` seeded by ``shuffle_seed + e``, the same on
-    every rank); global batch t of the epoch is ``order_e[t*B:(t+1)*B]`` (a trailing partial batch is dropped)
-    and this rank reads only its :func:`rank_slice` of it, never the other ranks' rows. ``start_batch`` skips
-    that many global batches without reading them (resume).
+    Epoch e visits ``rows`` in ``order_e`` (identity, or ``randperm`` seeded by ``shuffle_seed + e``, the same
+    on every rank); global batch t of the epoch is ``order_e[t*B:(t+1)*B]`` (a trailing partial batch is
+    dropped) and this rank reads only its :func:`rank_slice` of it, never the other ranks' rows.
+    ``start_batch`` skips that many global batches without reading them (resume).
 
     ``rows`` is anything with ``len()`` and row indexing returning ``[n, d]`` (tensor, numpy array or memmap,
     :class:`CachedActivationRows`); contiguous slices are used when not shuffling.
@@ -205,8 +211,9 @@ class RankSlicedBatches(Iterator[torch.Tensor]):
     """This rank's slice of each global batch of any deterministic provider (the same on every rank).
 
     For providers that cannot read a slice directly (a store with its own mixing and resume state): every rank
-    builds the provider with the GLOBAL batch size and the same seed, and keeps rows :func:`rank_slice`. Exact,
-    but each rank reads (not trains on) all rows; prefer :class:`RankBatches` when rows are random-access.
+    builds the provider with the GLOBAL batch size and the same seed, and keeps rows :func:`rank_slice`.
+    Exact, but each rank reads (not trains on) all rows; prefer :class:`RankBatches` when rows are
+    random-access.
     """
 
     def __init__(self, provider: Iterator[torch.Tensor], rank: int, world_size: int):
@@ -225,9 +232,9 @@ class StoppedOnAnotherRank(RuntimeError):
 
 
 class _AgreedBatches(Iterator[torch.Tensor]):
-    """Next batch, or the same stop on every rank: a provider that raises (SIGTERM handler, exhausted stream) on
-    one rank makes all ranks leave the training loop at the same step instead of deadlocking in a collective.
-    Costs one 1-element all-reduce per step."""
+    """Next batch, or the same stop on every rank: a provider that raises (SIGTERM handler, exhausted stream)
+    on one rank makes all ranks leave the training loop at the same step instead of deadlocking in a
+    collective. Costs one 1-element all-reduce per step."""
 
     def __init__(self, provider: Iterator[torch.Tensor], device: torch.device | str):
         self.provider, self.device = provider, device
@@ -251,52 +258,7 @@ class _AgreedBatches(Iterator[torch.Tensor]):
         return batch
 
 
-class CachedActivationRows:
-    """Random access to the activation rows of a SAELens cached-activation dataset, without a model.
-
-    The cache is a ``datasets.Dataset`` (``save_to_disk``) whose column ``hook_name`` holds
-    ``Array2D(context_size, d_in)``; flattened, dataset row i holds activation rows
-    ``[i * context_size, (i + 1) * context_size)``. ``rows[a:b]`` and ``rows[index_tensor]`` read only the
-    dataset rows that contain the wanted activation rows (memory-mapped Arrow, nothing loaded up front).
-    """
-
-    def __init__(self, path: str | Path, hook_name: str | None = None):
-        import datasets
-
-        dataset = datasets.load_from_disk(str(path))
-        if hook_name is None:
-            if len(dataset.column_names) != 1:
-                raise ValueError(f"{path} has columns {dataset.column_names}; pass hook_name=")
-            hook_name = dataset.column_names[0]
-        if hook_name not in dataset.column_names:
-            raise ValueError(f"{path} has no column {hook_name!r}; columns: {dataset.column_names}")
-        self.hook_name = hook_name
-        self.dataset = dataset.select_columns([hook_name]).with_format("numpy")
-        self.context_size, self.d_in = (int(n) for n in dataset.features[hook_name].shape)
-
-    def __len__(self) -> int:
-        return len(self.dataset) * self.context_size
-
-    def _contexts(self, first: int, last: int) -> torch.Tensor:
-        block = self.dataset[first : last + 1][self.hook_name]
-        return torch.from_numpy(block.reshape(-1, self.d_in))
-
-    def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
-        c = self.context_size
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            if step != 1 or stop <= start:
-                return self[torch.arange(start, stop, step)]
-            block = self._contexts(start // c, (stop - 1) // c)
-            offset = (start // c) * c
-            return block[start - offset : stop - offset]
-        index = torch.as_tensor(index, dtype=torch.long)
-        contexts, position = torch.unique(index // c, return_inverse=True)
-        block = self.dataset[contexts.tolist()][self.hook_name].reshape(len(contexts), c, self.d_in)
-        return torch.from_numpy(block)[position, index % c]
-
-
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -304,7 +266,8 @@ class GatheredBatches(Iterator[torch.Tensor]):
     """Each rank's next local batch, all-gathered into the global batch (rank order), on every rank.
 
     For statistics that must be computed on global batches so that all ranks agree (input normalisation,
-    standardisation): feed the estimator ``GatheredBatches(provider, world_size, device)`` instead of ``provider``.
+    standardisation): feed the estimator ``GatheredBatches(provider, world_size, device)`` instead of
+    ``provider``.
     """
 
     def __init__(self, local_batches: Iterator[torch.Tensor], world_size: int, device: torch.device | str):
@@ -320,26 +283,9 @@ class GatheredBatches(Iterator[torch.Tensor]):
         return torch.cat(parts)
 
 
-@contextlib.contextmanager
-def trainer_progress_bar_off(off: bool = True):
-    """Silence SAETrainer's progress bar (used for non-main ranks during ``fit``).
-
-    tqdm reads ``TQDM_*`` variables only when it is imported, so the bar factory SAETrainer's module uses is
-    swapped for one with ``disable=True`` (this process only) and restored afterwards.
-    """
-    if not off:
-        yield
-        return
-    import functools
-
-    import sae_lens.training.sae_trainer as trainer_module
-
-    original = trainer_module.tqdm
-    trainer_module.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        trainer_module.tqdm = original
+# Silence SAETrainer's progress bar (non-main ranks during ``fit``; the examples): the SAELens workaround
+# lives in ``_saelens_compat``, this is its public name.
+trainer_progress_bar_off = progress_bars_off
 
 
 class DistributedSAETrainer(SAETrainer):
@@ -381,7 +327,8 @@ class DistributedSAETrainer(SAETrainer):
 
     @data_provider.setter
     def data_provider(self, provider: Iterator[torch.Tensor]) -> None:
-        """Providers assigned at any time (SAETrainer's constructor, or a runner later) stop all ranks together."""
+        """Providers assigned at any time (SAETrainer's constructor, or a runner later) stop all ranks
+        together."""
         if self.context.is_distributed and not isinstance(provider, _AgreedBatches):
             provider = _AgreedBatches(provider, self._collective_device)
         self._data_provider = provider
@@ -392,7 +339,7 @@ class DistributedSAETrainer(SAETrainer):
         if self.context.is_distributed:
             self._estimate_input_normalisation()
         try:
-            with trainer_progress_bar_off(not self.context.is_main):
+            with progress_bars_off(not self.context.is_main):
                 return super().fit()
         finally:
             self.gradient_averager.remove()
@@ -455,19 +402,20 @@ class DistributedSAETrainer(SAETrainer):
         self.context.barrier()
 
     def load_trainer_state(self, checkpoint_path) -> None:
-        """SAELens's loader, plus two fixes that make a resumed run continue exactly like an uninterrupted
-        one: checkpoint thresholds already passed are dropped (else the next step writes another
-        checkpoint), and the step counter is recomputed as ``samples / batch`` (SAETrainer saves
-        intermediate checkpoints before it increments ``n_training_steps``, so the stored count is one short).
-        """
+        """SAELens's loader, plus the resume fixes of
+        :func:`~sae_vision_ext._saelens_compat.fix_resumed_counters` (the step counter SAETrainer stores one
+        short, checkpoint thresholds already passed), so a resumed run continues exactly like an uninterrupted
+        one."""
         super().load_trainer_state(checkpoint_path)
-        self.n_training_steps = self.n_training_samples // self.cfg.train_batch_size_samples
-        self.checkpoint_thresholds = [t for t in self.checkpoint_thresholds if t >= self.n_training_samples]
+        fix_resumed_counters(self)
 
 
 def normalisation_batches(sae_cfg: Any, trainer_cfg: Any) -> int:
     """Global batches consumed by the input-normalisation estimate at the start of a fresh run."""
-    estimated = getattr(sae_cfg, "normalize_activations", "none") in ("expected_average_only_in", "covariance_whitening")
+    estimated = getattr(sae_cfg, "normalize_activations", "none") in (
+        "expected_average_only_in",
+        "covariance_whitening",
+    )
     return trainer_cfg.n_batches_for_norm_estimate if estimated else 0
 
 
@@ -484,19 +432,28 @@ def train_on_rows(
 ):
     """Train ``sae`` on ``rows`` (global batches of ``trainer_cfg.train_batch_size_samples``) on this rank.
 
-    Works the same with one process or under torchrun. ``resume_from`` (a checkpoint folder written by
-    SAELens / this trainer) restores weights, optimiser, schedulers, counters and the activation scaler on every
-    rank and continues with the next unread global batch. Returns the trainer (``trainer.sae`` is the SAE).
+    Works the same with one process or under torchrun. ``resume_from`` (a checkpoint folder written by SAELens
+    / this trainer) restores weights, optimiser, schedulers, counters and the activation scaler on every rank
+    and continues with the next unread global batch. Returns the trainer (``trainer.sae`` is the SAE).
     """
     context = context or current_context()
     start_batch = 0
     if resume_from is not None:
         sae.load_weights_from_checkpoint(resume_from)
     batches = RankBatches(
-        rows, trainer_cfg.train_batch_size_samples, context.rank, context.world_size, shuffle_seed=shuffle_seed
+        rows,
+        trainer_cfg.train_batch_size_samples,
+        context.rank,
+        context.world_size,
+        shuffle_seed=shuffle_seed,
     )
     trainer = DistributedSAETrainer(
-        trainer_cfg, sae, batches, evaluator=evaluator, save_checkpoint_fn=save_checkpoint_fn, context=context,
+        trainer_cfg,
+        sae,
+        batches,
+        evaluator=evaluator,
+        save_checkpoint_fn=save_checkpoint_fn,
+        context=context,
         broadcast_init=resume_from is None,
     )
     if resume_from is not None:

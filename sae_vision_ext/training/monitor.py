@@ -44,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 METRICS_FILENAME = "metrics.jsonl"
 CURVES_FILENAME = "training_curves.png"
@@ -180,9 +183,16 @@ class TrainingMonitor:
     (None: a new run, which starts a new file); ``live``: keep the sums the bar's :meth:`postfix` shows.
     """
 
-    def __init__(self, output_path: str | os.PathLike, trainers: dict[str, Any], total_rows: int,
-                 batch_rows: int, every: int | None = None, resumed_step: int | None = None,
-                 live: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        output_path: str | os.PathLike,
+        trainers: dict[str, Any],
+        total_rows: int,
+        batch_rows: int,
+        every: int | None = None,
+        resumed_step: int | None = None,
+        live: bool = True,
+    ):
         self.output_path = Path(output_path)
         self.output_path.mkdir(parents=True, exist_ok=True)
         self.path = self.output_path / METRICS_FILENAME
@@ -258,9 +268,16 @@ class TrainingMonitor:
         rate = (watch.rows - watch.last_rows) / max(now - watch.last_time, 1e-9)
         watch.last_rows, watch.last_time = watch.rows, now
         wall = self.wall_offset + now - self.started
-        record = {"step": watch.step, "rows": watch.rows, "hook": watch.hook, "lr": watch.lr,
-                  **_fields(means), "rows_per_s": round(rate, 1), "wall_s": round(wall, 3),
-                  "steps_averaged": n}  # fmt: skip
+        record = {
+            "step": watch.step,
+            "rows": watch.rows,
+            "hook": watch.hook,
+            "lr": watch.lr,
+            **_fields(means),
+            "rows_per_s": round(rate, 1),
+            "wall_s": round(wall, 3),
+            "steps_averaged": n,
+        }
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
@@ -321,8 +338,9 @@ def matryoshka_levels(sae: Any) -> list[int]:
     return sorted({int(k) for k in levels} | {int(sae.cfg.d_sae)})
 
 
-def per_k_metrics(sae: Any, evaluate: Callable[[dict[str, Any]], dict[str, Any]],
-                  ks: list[int] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def per_k_metrics(
+    sae: Any, evaluate: Callable[[dict[str, Any]], dict[str, Any]], ks: list[int] | None = None
+) -> list[dict[str, Any]]:
     """``[{"k", "fvu", "fvu_per_sample", "cosine", "l0", "relu"}]`` at each of ``ks`` (default
     :func:`matryoshka_levels`); ``evaluate(encode_kwargs)`` returns ``evals.reconstruction.evaluate_sae``'s
     metrics on held-out rows."""
@@ -349,9 +367,6 @@ def per_k_table(per_k: list[dict[str, Any]], indent: str = "  ") -> list[str]:
 
 def _figure(width: float, height: float):
     """A matplotlib Figure on the Agg canvas (no pyplot: the caller's backend and figures are left alone)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -369,13 +384,15 @@ def _series(records: list[dict[str, Any]], key: str, level: str | None = None) -
 
 
 def _plot_curves(path: Path, by_hook: dict[str, list[dict[str, Any]]]) -> None:
-    from matplotlib.ticker import PercentFormatter
-
     fig = _figure(11, 7)
     axes = fig.subplots(2, 2, sharex=True).ravel()
     kinds = {r.get("mse_kind", "mse").upper() for rs in by_hook.values() for r in rs}
-    titles = {"loss": "loss", "mse": "/".join(sorted(kinds)), "l0": "L0 (active latents per row)",
-              "dead_fraction": "dead fraction"}  # fmt: skip
+    titles = {
+        "loss": "loss",
+        "mse": "/".join(sorted(kinds)),
+        "l0": "L0 (active latents per row)",
+        "dead_fraction": "dead fraction",
+    }
     for ax, (key, title) in zip(axes, titles.items()):
         for hook, rs in by_hook.items():
             prefix = f"{hook} " if len(by_hook) > 1 else ""
@@ -419,8 +436,9 @@ def _plot_fvu_vs_k(path: Path, per_k_by_hook: dict[str, list[dict[str, Any]]], s
     fig.savefig(path, dpi=100)
 
 
-def write_plots(output_path: str | os.PathLike, records: list[dict[str, Any]],
-                metrics: dict[str, dict[str, Any]]) -> list[Path]:  # fmt: skip
+def write_plots(
+    output_path: str | os.PathLike, records: list[dict[str, Any]], metrics: dict[str, dict[str, Any]]
+) -> list[Path]:
     """Write ``training_curves.png`` (if there are records), ``fvu_vs_k.png`` (if a hook has ``per_k``)."""
     output_path = Path(output_path)
     written = []

@@ -45,7 +45,7 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
-from sae_vision_ext.analysis.splice import SAESplicingMixin
+from sae_vision_ext.vision.splice import SAESplicingMixin
 
 BLOCK_HOOKS_FULL = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 BLOCK_HOOKS_COARSE = ("hook_resid_pre", "hook_resid_post")
@@ -91,8 +91,10 @@ class TokenLayout:
         """Positions of ``which`` in the sequence: cls | registers | prefix | patches | all."""
         if which == "cls":
             if self.n_cls == 0:
-                raise ValueError("this model has no CLS token (e.g. SigLIP pools with attention); "
-                                 "select 'patches' or use hook_pooled")
+                raise ValueError(
+                    "this model has no CLS token (e.g. SigLIP pools with attention); "
+                    "select 'patches' or use hook_pooled"
+                )
             return slice(0, self.n_cls)
         if which == "registers":
             if self.n_registers == 0:
@@ -116,7 +118,7 @@ class TokenLayout:
         return acts[..., self.token_slice(which), :]
 
     def to_grid(self, patch_acts: Tensor) -> Tensor:
-        """``[..., n_patches, d] -> [..., gh, gw, d]`` (patch tokens only, e.g. from ``select(.., 'patches')``)."""
+        """``[..., n_patches, d] -> [..., gh, gw, d]`` (patch tokens only: ``select(.., 'patches')``)."""
         if patch_acts.shape[-2] != self.n_patches:
             raise ValueError(f"expected {self.n_patches} patch tokens, got shape {list(patch_acts.shape)}")
         return patch_acts.reshape(*patch_acts.shape[:-2], *self.grid_size, patch_acts.shape[-1])
@@ -184,7 +186,8 @@ def _layer_of(name: str) -> int | None:
 class HookedVisionModel(SAESplicingMixin, HookedRootModule):
     """TransformerLens-style hooked ViT over an unmodified timm / open_clip model.
 
-    Build one with :func:`sae_vision_ext.vision.load.load_vision_model` or :meth:`wrap`. Subclasses
+    Build one with :func:`sae_vision_ext.vision.load.load_vision_model` or
+    :func:`sae_vision_ext.vision.load.wrap_model`. Subclasses
     (``vision/timm.py``, ``vision/open_clip.py``) provide the library-specific steps: ``_embed``,
     ``_pre_norm``, ``_library_blocks``, ``_head`` and per-block branch functions.
     """
@@ -211,24 +214,6 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
         self.cfg = self._make_cfg()
         self._hook_widths = self._compute_hook_widths()
         self.setup()
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def wrap(cls, model: nn.Module, spec: str | None = None) -> HookedVisionModel:
-        """Wrap a bare timm ``VisionTransformer`` or an open_clip model / visual tower (not copied)."""
-        module = type(model).__module__
-        if module.startswith("open_clip"):
-            from sae_vision_ext.vision.open_clip import OpenClipHookedVisionModel
-
-            return OpenClipHookedVisionModel(model, spec=spec)
-        if module.startswith("timm"):
-            from sae_vision_ext.vision.timm import TimmHookedVisionModel
-
-            return TimmHookedVisionModel(model, spec=spec)
-        raise TypeError(
-            f"cannot hook a {type(model).__module__}.{type(model).__name__}: expected a timm "
-            "VisionTransformer or an open_clip CLIP / CustomTextCLIP / VisionTransformer / TimmModel"
-        )
 
     def setup(self):
         """Index the wrapper's own HookPoints (never touches the wrapped model's modules)."""
@@ -354,21 +339,25 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
             raise TypeError(f"{self.spec} expects {expected}, got {type(images).__name__}{hint}")
         shape = list(images.shape)
         if images.dim() == 3 and shape[0] == c:
-            raise ValueError(f"{self.spec} expects {expected}, got {shape}: add a batch dimension "
-                             "(images.unsqueeze(0))")
+            raise ValueError(
+                f"{self.spec} expects {expected}, got {shape}: add a batch dimension (images.unsqueeze(0))"
+            )
         if images.dim() != 4:
             raise ValueError(f"{self.spec} expects {expected}, got shape {shape}{hint}")
         if shape[1] != c:
             extra = " (channels-last? use images.permute(0, 3, 1, 2))" if shape[3] == c else ""
             raise ValueError(f"{self.spec} expects {c} channels, {expected}, got shape {shape}{extra}")
         if (shape[2], shape[3]) != (h, w):
-            raise ValueError(f"{self.spec} expects images of size {h}x{w}, {expected}, got shape {shape}"
-                             f"{hint} (load with img_size=... for another resolution)")
+            raise ValueError(
+                f"{self.spec} expects images of size {h}x{w}, {expected}, got shape {shape}"
+                f"{hint} (load with img_size=... for another resolution)"
+            )
         if not images.is_floating_point():
             raise TypeError(f"{self.spec} expects {expected}, got dtype {images.dtype}{hint}")
         if images.dtype != self.dtype and not torch.is_autocast_enabled(images.device.type):
-            raise TypeError(f"{self.spec} runs in {self.dtype}, got images in {images.dtype}: pass "
-                            "images.to(model.dtype)")  # fmt: skip
+            raise TypeError(
+                f"{self.spec} runs in {self.dtype}, got images in {images.dtype}: pass images.to(model.dtype)"
+            )
 
     # ------------------------------------------------------------------ forward
     def _token_hook(self, hook: nn.Module, x: Tensor) -> Tensor:
@@ -389,8 +378,10 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
         n = self.n_layers
         stop = stop_at_layer + n if stop_at_layer < 0 else stop_at_layer
         if not 0 <= stop <= n:
-            raise ValueError(f"stop_at_layer={stop_at_layer} is out of range for {n} blocks "
-                             f"(use 0..{n}, or a negative index)")
+            raise ValueError(
+                f"stop_at_layer={stop_at_layer} is out of range for {n} blocks "
+                f"(use 0..{n}, or a negative index)"
+            )
         return stop
 
     def forward(self, images: Tensor, stop_at_layer: int | None = None) -> Any:
@@ -403,8 +394,10 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
         stop = self._resolve_stop(stop_at_layer)
         x = self.hook_embed(self._embed(images))
         if not self.training and x.shape[1] != self.token_layout.n_tokens:
-            raise RuntimeError(f"{self.spec}: embedding gave {x.shape[1]} tokens, token_layout expects "
-                               f"{self.token_layout.n_tokens}; this model variant is not supported")
+            raise RuntimeError(
+                f"{self.spec}: embedding gave {x.shape[1]} tokens, token_layout expects "
+                f"{self.token_layout.n_tokens}; this model variant is not supported"
+            )
         x = self._enter_blocks(self._pre_norm(x))
         library_blocks = self._library_blocks()
         n_run = self.n_layers if stop is None else stop
@@ -445,10 +438,14 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
             names = [names_filter] if isinstance(names_filter, str) else names_filter
             for name in names:
                 layer = _layer_of(name)
-                unreachable = name in ("hook_pooled", "hook_image_embed") or (layer is not None and layer >= stop)
+                unreachable = name in ("hook_pooled", "hook_image_embed") or (
+                    layer is not None and layer >= stop
+                )
                 if unreachable:
-                    raise ValueError(f"{name!r} is not computed with stop_at_layer={kwargs['stop_at_layer']} "
-                                     f"(blocks 0..{stop - 1} run)")
+                    raise ValueError(
+                        f"{name!r} is not computed with stop_at_layer={kwargs['stop_at_layer']} "
+                        f"(blocks 0..{stop - 1} run)"
+                    )
         if isinstance(names_filter, tuple):
             names_filter = list(names_filter)
         out, cache = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)

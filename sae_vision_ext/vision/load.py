@@ -20,10 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import open_clip
+import timm
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from timm.data import create_transform, resolve_model_data_config
+from torch import nn
 
 from sae_vision_ext.errors import UserError
 from sae_vision_ext.vision.hooked_vision_model import HookedVisionModel
+from sae_vision_ext.vision.open_clip import OpenClipHookedVisionModel
+from sae_vision_ext.vision.timm import TimmHookedVisionModel
 
 SPEC_EXAMPLES = "'timm:vit_base_patch14_reg4_dinov2.lvd142m' or 'open_clip:ViT-B-32/laion2b_s34b_b79k'"
 
@@ -35,8 +42,23 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if library == "openclip":
         library = "open_clip"
     if not sep or library not in ("timm", "open_clip") or not name:
-        raise ValueError(f"model spec {spec!r} must be 'timm:<name>' or 'open_clip:<arch>/<tag>', e.g. {SPEC_EXAMPLES}")
+        raise ValueError(
+            f"model spec {spec!r} must be 'timm:<name>' or 'open_clip:<arch>/<tag>', e.g. {SPEC_EXAMPLES}"
+        )
     return library, name
+
+
+def wrap_model(model: nn.Module, spec: str | None = None) -> HookedVisionModel:
+    """Hook a bare timm ``VisionTransformer`` or an open_clip model / visual tower (not copied)."""
+    module = type(model).__module__
+    if module.startswith("open_clip"):
+        return OpenClipHookedVisionModel(model, spec=spec)
+    if module.startswith("timm"):
+        return TimmHookedVisionModel(model, spec=spec)
+    raise TypeError(
+        f"cannot hook a {module}.{type(model).__name__}: expected a timm VisionTransformer or an "
+        "open_clip CLIP / CustomTextCLIP / VisionTransformer / TimmModel"
+    )
 
 
 def load_vision_model(
@@ -59,14 +81,17 @@ def load_vision_model(
     if library == "timm":
         hooked, preprocess = _load_timm(spec, name, pretrained, device, img_size, weights, library_kwargs)
     else:
-        hooked, preprocess = _load_open_clip(spec, name, pretrained, device, img_size, weights, library_kwargs)
+        hooked, preprocess = _load_open_clip(
+            spec, name, pretrained, device, img_size, weights, library_kwargs
+        )
     hooked.eval()
     hooked.preprocess = preprocess
     return hooked, preprocess
 
 
-def weights_record(spec: str, *, weights: str | os.PathLike | None = None, pretrained: bool = True,
-                   seed: int | None = None) -> dict[str, Any]:  # fmt: skip
+def weights_record(
+    spec: str, *, weights: str | os.PathLike | None = None, pretrained: bool = True, seed: int | None = None
+) -> dict[str, Any]:
     """Exactly which weights a model was built with, as stored in an SAE's ``metadata.weights``.
 
     ``{"source": "file", "path", "sha256"}`` | ``{"source": "pretrained", "spec", "tag"}`` |
@@ -83,7 +108,8 @@ def weights_record(spec: str, *, weights: str | os.PathLike | None = None, pretr
 
 
 def describe_weights(record: dict[str, Any] | str | None) -> str:
-    """One phrase for people: ``pretrained weights (lvd142m)``, ``weights file /x``, ``RANDOM weights (seed 0)``."""
+    """One phrase for people: ``pretrained weights (lvd142m)``, ``weights file /x``, ``RANDOM weights (seed
+    0)``."""
     record = _as_record(record)
     if record is None:
         return "unknown weights"
@@ -103,7 +129,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _as_record(weights: dict[str, Any] | str | None) -> dict[str, Any] | None:
-    """Records written before ``weights_record`` existed were strings: "pretrained", "random-init(seed=N)", a path."""
+    """Records written before ``weights_record`` existed were strings: "pretrained",
+    "random-init(seed=N)", a path."""
     if weights is None or isinstance(weights, dict):
         return weights
     match = re.fullmatch(r"random-init\(seed=(\d+)\)", weights)
@@ -124,9 +151,9 @@ def load_vision_model_with_record(
     seed: int = 0,
     **kwargs: Any,
 ) -> tuple[HookedVisionModel, Callable, dict[str, Any]]:
-    """``(model, preprocess, weights_record)``: a weights file if given, else pretrained weights (downloaded when
-    needed; :class:`PretrainedWeightsUnavailable` when they cannot be had), else a random init drawn from ``seed``
-    (reproducible: the same seed gives the same weights)."""
+    """``(model, preprocess, weights_record)``: a weights file if given, else pretrained weights (downloaded
+    when needed; :class:`PretrainedWeightsUnavailable` when they cannot be had), else a random init drawn from
+    ``seed`` (reproducible: the same seed gives the same weights)."""
     if weights:
         model, preprocess = load_vision_model(spec, pretrained=False, weights=weights, **kwargs)
     elif pretrained:
@@ -147,13 +174,17 @@ def load_vision_model_or_random(
     say: Callable[[str], Any] = print,
     **kwargs: Any,
 ) -> tuple[HookedVisionModel, Callable, dict[str, Any]]:
-    """Like :func:`load_vision_model_with_record`, for demos that must run on any machine: when pretrained weights
-    cannot be had, it says so through ``say`` and uses the random init drawn from ``seed`` instead."""
+    """Like :func:`load_vision_model_with_record`, for demos that must run on any machine: when pretrained
+    weights cannot be had, it says so through ``say`` and uses the random init drawn from ``seed`` instead."""
     try:
-        return load_vision_model_with_record(spec, weights=weights, pretrained=pretrained, seed=seed, **kwargs)
+        return load_vision_model_with_record(
+            spec, weights=weights, pretrained=pretrained, seed=seed, **kwargs
+        )
     except PretrainedWeightsUnavailable as err:
-        say(f"note: {err.reason}; using the same architecture with RANDOM weights (seed {seed}): its features "
-            "carry no learned meaning")  # fmt: skip
+        say(
+            f"note: {err.reason}; using the same architecture with RANDOM weights (seed {seed}): "
+            "its features carry no learned meaning"
+        )
         return load_vision_model_with_record(spec, pretrained=False, seed=seed, **kwargs)
 
 
@@ -165,17 +196,21 @@ def load_model_for_sae(
     weights: str | os.PathLike | None = None,
     say: Callable[[str], Any] = print,
 ) -> tuple[HookedVisionModel, Callable, dict[str, Any]]:
-    """Rebuild the vision model an SAE was trained on, from its metadata: ``(model, preprocess, weights_record)``.
+    """Rebuild the vision model an SAE was trained on, from its metadata.
+
+    Returns ``(model, preprocess, weights_record)``.
 
     Reads ``model_name``, ``weights`` (the :func:`weights_record` of the training run: the pretrained tag, the
-    weights file, checked by hash, or the random seed) and ``image_size``. ``model_name`` / ``weights`` override
-    the metadata; every difference from what the SAE was trained on is said through ``say``.
+    weights file, checked by hash, or the random seed) and ``image_size``. ``model_name`` / ``weights``
+    override the metadata; every difference from what the SAE was trained on is said through ``say``.
     """
     meta = getattr(getattr(sae_or_metadata, "cfg", None), "metadata", sae_or_metadata)
     trained_on = meta.get("model_name")
     spec = model_name or trained_on
     if not spec:
-        raise ValueError("the SAE's metadata names no model (metadata.model_name); give the model spec explicitly")
+        raise ValueError(
+            "the SAE's metadata names no model (metadata.model_name); give the model spec explicitly"
+        )
     if model_name and trained_on and model_name != trained_on:
         say(f"warning: the SAE was trained on {trained_on}, not on {model_name}")
     record = _as_record(meta.get("weights"))
@@ -188,18 +223,26 @@ def load_model_for_sae(
             say(f"warning: {weights} is not the weights file the SAE was trained with ({record['path']})")
         return load_vision_model_with_record(spec, weights=weights, **kwargs)
     if record is None:
-        say(f"note: the SAE's metadata does not say which weights of {spec} it was trained on; using pretrained")
+        say(
+            f"note: the SAE's metadata does not say which weights of {spec} it was trained on; "
+            "using pretrained"
+        )
         return load_vision_model_with_record(spec, **kwargs)
     if record["source"] == "file":
         path = record["path"]
         if not Path(path).is_file():
-            raise FileNotFoundError(f"the SAE was trained with the weights file {path}, which is not here; "
-                                    "pass it with --weights FILE")  # fmt: skip
+            raise FileNotFoundError(
+                f"the SAE was trained with the weights file {path}, which is not here; "
+                "pass it with --weights FILE"
+            )
         if record.get("sha256") and file_sha256(path) != record["sha256"]:
             say(f"warning: {path} changed since the SAE was trained (other sha256)")
         return load_vision_model_with_record(spec, weights=path, **kwargs)
     if record["source"] == "random-init":
-        say(f"note: the SAE was trained on {spec} with RANDOM weights (seed {record['seed']}); rebuilding them")
+        say(
+            f"note: the SAE was trained on {spec} with RANDOM weights (seed {record['seed']}); "
+            "rebuilding them"
+        )
         return load_vision_model_with_record(spec, pretrained=False, seed=int(record["seed"]), **kwargs)
     return load_vision_model_with_record(spec, **kwargs)
 
@@ -211,8 +254,9 @@ class PretrainedWeightsUnavailable(UserError, RuntimeError):
         self.spec = spec
         self.reason = f"no pretrained weights for {spec} ({type(err).__name__}: {_first_line(err)})"
         super().__init__(
-            f"{self.reason}. Pass a local checkpoint (--weights FILE, weights=FILE) or ask for a random model "
-            "(--random-init, pretrained=False); offline, pretrained weights must already be in the local cache"
+            f"{self.reason}. Pass a local checkpoint (--weights FILE, weights=FILE) or ask for a random "
+            "model (--random-init, pretrained=False); offline, pretrained weights must already be in the "
+            "local cache"
         )
 
 
@@ -226,18 +270,17 @@ def _not_available(spec: str, err: Exception) -> PretrainedWeightsUnavailable:
 
 
 def _load_timm(spec, name, pretrained, device, img_size, weights, kwargs):
-    import timm
-    from timm.data import create_transform, resolve_model_data_config
-
-    from sae_vision_ext.vision.timm import TimmHookedVisionModel
-
     if not timm.is_model(name.partition(".")[0]):
-        raise ValueError(f"unknown timm model {name!r} in {spec!r}; see timm.list_models(), e.g. {SPEC_EXAMPLES}")
+        raise ValueError(
+            f"unknown timm model {name!r} in {spec!r}; see timm.list_models(), e.g. {SPEC_EXAMPLES}"
+        )
     kwargs = dict(kwargs)
     if img_size is not None:
         kwargs["img_size"] = img_size
     if weights is not None:
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+        model = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs
+        )
     elif pretrained:
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
@@ -256,11 +299,6 @@ def _load_timm(spec, name, pretrained, device, img_size, weights, kwargs):
 
 
 def _load_open_clip(spec, name, pretrained, device, img_size, weights, kwargs):
-    import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    from sae_vision_ext.vision.open_clip import OpenClipHookedVisionModel
-
     if name.startswith(("hf-hub:", "local-dir:")):
         model_name, tag, arch = name, None, name
         tag_cfg: dict = {}
@@ -271,8 +309,10 @@ def _load_open_clip(spec, name, pretrained, device, img_size, weights, kwargs):
             raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
         tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
         if tag and not tag_cfg:
-            raise ValueError(f"unknown pretrained tag {tag!r} for {arch}; known tags: "
-                             f"{', '.join(open_clip.list_pretrained_tags_by_model(arch))}")
+            raise ValueError(
+                f"unknown pretrained tag {tag!r} for {arch}; known tags: "
+                f"{', '.join(open_clip.list_pretrained_tags_by_model(arch))}"
+            )
         model_name = arch
     overlay = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
     if weights is not None:

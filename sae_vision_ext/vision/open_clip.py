@@ -20,7 +20,15 @@ The text tower stays reachable: ``model.encode_text(tokens)`` and ``model.tokeni
 
 from __future__ import annotations
 
+import open_clip
 import torch
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import (
+    CustomResidualAttentionBlock,
+    ResidualAttentionBlock,
+    Transformer,
+    VisionTransformer,
+)
 from torch import Tensor, nn
 
 from sae_vision_ext.vision.hooked_vision_model import HookedVisionModel, TokenLayout, VisionModelConfig
@@ -36,18 +44,6 @@ from sae_vision_ext.vision.timm import (
 )
 
 
-def _open_clip_classes():
-    from open_clip.timm_model import TimmModel
-    from open_clip.transformer import (
-        CustomResidualAttentionBlock,
-        ResidualAttentionBlock,
-        Transformer,
-        VisionTransformer,
-    )
-
-    return VisionTransformer, TimmModel, Transformer, ResidualAttentionBlock, CustomResidualAttentionBlock
-
-
 def _visual_of(model: nn.Module) -> nn.Module:
     return model.visual if hasattr(model, "visual") else model
 
@@ -56,21 +52,23 @@ class OpenClipHookedVisionModel(HookedVisionModel):
     """Hooked open_clip model; ``model.model`` is the bare open_clip model (whole CLIP if one was given)."""
 
     def __init__(self, model: nn.Module, spec: str | None = None, arch: str | None = None):
-        vit_cls, timm_model_cls, transformer_cls, _, _ = _open_clip_classes()
         visual = _visual_of(model)
-        if isinstance(visual, timm_model_cls):
+        if isinstance(visual, TimmModel):
             check_timm_trunk(visual.trunk)
             self_kind = "timm"
-        elif isinstance(visual, vit_cls):
+        elif isinstance(visual, VisionTransformer):
             for method in ("forward", "_embeds", "_pool"):
-                if getattr(type(visual), method) is not getattr(vit_cls, method):
+                if getattr(type(visual), method) is not getattr(VisionTransformer, method):
                     raise NotImplementedError(f"{type(visual).__name__} overrides VisionTransformer.{method}")
-            if type(visual.transformer).forward is not transformer_cls.forward:
-                raise NotImplementedError(f"{type(visual.transformer).__name__} overrides Transformer.forward")
+            if type(visual.transformer).forward is not Transformer.forward:
+                raise NotImplementedError(
+                    f"{type(visual.transformer).__name__} overrides Transformer.forward"
+                )
             self_kind = "vit"
         else:
             raise NotImplementedError(
-                f"open_clip visual tower {type(visual).__name__} is not a ViT (ModifiedResNet etc. unsupported)"
+                f"open_clip visual tower {type(visual).__name__} is not a ViT "
+                "(ModifiedResNet etc. unsupported)"
             )
         self.__dict__["_tower_kind"] = self_kind
         self.__dict__["_arch"] = arch
@@ -100,8 +98,6 @@ class OpenClipHookedVisionModel(HookedVisionModel):
     def tokenizer(self):
         """open_clip's tokenizer for this architecture (SigLIP's comes from the HF Hub: cached or online)."""
         if self._tokenizer is None:
-            import open_clip
-
             if not self._arch:
                 raise RuntimeError(f"{self.spec}: architecture unknown, cannot pick a tokenizer")
             try:
@@ -109,7 +105,8 @@ class OpenClipHookedVisionModel(HookedVisionModel):
             except Exception as err:  # noqa: BLE001 - any hub / tokenizers failure
                 raise RuntimeError(
                     f"could not build the tokenizer of {self._arch} ({type(err).__name__}: {err}); SigLIP "
-                    "tokenizers are downloaded from the Hugging Face Hub: run once online or pre-fill the HF cache"
+                    "tokenizers are downloaded from the Hugging Face Hub: run once online or pre-fill the "
+                    "HF cache"
                 ) from err
         return self._tokenizer
 
@@ -123,11 +120,10 @@ class OpenClipHookedVisionModel(HookedVisionModel):
     def _block_kind(self, block):
         if self._tower_kind == "timm":
             return timm_block_kind(block)
-        _, _, _, res_cls, custom_cls = _open_clip_classes()
         forward = type(block).forward
-        if forward is res_cls.forward:
+        if forward is ResidualAttentionBlock.forward:
             return "open_clip_block"
-        if forward is custom_cls.forward:
+        if forward is CustomResidualAttentionBlock.forward:
             return "open_clip_custom_block"
         return "opaque"
 
@@ -231,4 +227,3 @@ class OpenClipHookedVisionModel(HookedVisionModel):
             token_layout=self.token_layout,
             extra={"tower": self._tower_kind, "batch_first": self.batch_first},
         )
-

@@ -16,24 +16,20 @@ The timm trunk helpers are shared with open_clip's ``TimmModel`` towers (SigLIP 
 
 from __future__ import annotations
 
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from sae_vision_ext.vision.hooked_vision_model import HookedVisionModel, TokenLayout, VisionModelConfig
 
 
-def _timm_vit_classes():
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    return VisionTransformer, Block
-
-
 def check_timm_trunk(trunk: nn.Module) -> None:
     """Accept a timm VisionTransformer whose forward path is timm's own (subclass overrides change it)."""
-    vit_cls, _ = _timm_vit_classes()
-    if not isinstance(trunk, vit_cls):
-        raise TypeError(f"expected a timm VisionTransformer, got {type(trunk).__module__}.{type(trunk).__name__}")
+    if not isinstance(trunk, VisionTransformer):
+        raise TypeError(
+            f"expected a timm VisionTransformer, got {type(trunk).__module__}.{type(trunk).__name__}"
+        )
     for method in ("forward", "forward_features", "forward_head"):
-        if getattr(type(trunk), method) is not getattr(vit_cls, method):
+        if getattr(type(trunk), method) is not getattr(VisionTransformer, method):
             raise NotImplementedError(
                 f"{type(trunk).__name__} overrides VisionTransformer.{method}; its forward cannot be "
                 "reproduced exactly by the hooked wrapper"
@@ -45,8 +41,7 @@ def check_timm_trunk(trunk: nn.Module) -> None:
 
 def timm_block_kind(block: nn.Module) -> str:
     """'timm_block' when the block runs timm's pre-norm ``Block.forward``, else 'opaque' (run whole)."""
-    _, block_cls = _timm_vit_classes()
-    return "timm_block" if type(block).forward is block_cls.forward else "opaque"
+    return "timm_block" if type(block).forward is Block.forward else "opaque"
 
 
 def timm_attn_branch(block: nn.Module, x: Tensor) -> Tensor:
@@ -75,8 +70,9 @@ def timm_token_layout(trunk: nn.Module) -> TokenLayout:
     grid = tuple(int(g) for g in trunk.patch_embed.grid_size)
     n_cls = 1 if trunk.has_class_token else 0
     n_reg = int(trunk.num_reg_tokens)
-    return TokenLayout(n_cls=n_cls, n_registers=n_reg, grid_size=grid, n_patches=grid[0] * grid[1],
-                       n_prefix=n_cls + n_reg)
+    return TokenLayout(
+        n_cls=n_cls, n_registers=n_reg, grid_size=grid, n_patches=grid[0] * grid[1], n_prefix=n_cls + n_reg
+    )
 
 
 def timm_head_width(trunk: nn.Module) -> int:
@@ -85,7 +81,7 @@ def timm_head_width(trunk: nn.Module) -> int:
 
 
 def timm_family(name: str) -> str:
-    """clip | siglip | dinov2 | vit, from the model name; fine-tuned towers (tag ``*ft_*``) are classifiers."""
+    """clip | siglip | dinov2 | vit, from the model name; fine-tuned towers (``*ft_*``) are classifiers."""
     name = name.lower()
     if "ft_" in name.rpartition(".")[2]:
         return "vit"

@@ -27,7 +27,8 @@ def tiny_model():
     return load_tiny(TINY_MODEL, img_size=32)
 
 
-# ----------------------------------------------------------------------------------------------- token selection
+# ----------------------------------------------------------------------------------------------- token
+# selection
 
 
 def test_token_selection_keeps_the_right_tokens(reg_model):
@@ -37,8 +38,13 @@ def test_token_selection_keeps_the_right_tokens(reg_model):
     _, cache = model.run_with_cache(pixels, names_filter=[hook])
     acts = cache[hook]  # [3, 1 + 4 + 4, 384]
     assert acts.shape[:2] == (3, 9)
-    expected = {"cls": acts[:, :1], "registers": acts[:, 1:5], "prefix": acts[:, :5], "patches": acts[:, 5:],
-                "all": acts}  # fmt: skip
+    expected = {
+        "cls": acts[:, :1],
+        "registers": acts[:, 1:5],
+        "prefix": acts[:, :5],
+        "patches": acts[:, 5:],
+        "all": acts,
+    }
     for selection, want in expected.items():
         rows = select_rows(model, acts, hook, selection)
         assert torch.equal(rows, want.reshape(-1, 384)), selection
@@ -62,7 +68,9 @@ def test_pooled_selection_and_errors(tiny_model):
         resolve_hooks("blocks.0.hook_resid_post", "pooled")
     with pytest.raises(ValueError, match="no register tokens"):
         ImageActivationSource(model, preprocess, synthetic_images(2), "blocks.0.hook_resid_post", "registers")
-    with pytest.raises(KeyError, match="blocks.0.hook_resid_postt"):  # unknown hook: the model lists valid ones
+    with pytest.raises(
+        KeyError, match="blocks.0.hook_resid_postt"
+    ):  # unknown hook: the model lists valid ones
         ImageActivationSource(model, preprocess, synthetic_images(2), "blocks.0.hook_resid_postt", "all")
 
 
@@ -79,11 +87,12 @@ def test_batches_never_cross_boundaries():
     assert batches == [[6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19], [20]]
 
 
-# ----------------------------------------------------------------------------------------------- mixing, resume
+# ----------------------------------------------------------------------------------------------- mixing,
+# resume
 
 
-class RowSource:
-    """Rows ``[position, token]`` so every served row says where it came from; ``fail`` positions are skipped."""
+class FakeImageActivationSource:
+    """Rows ``[position, token]``: each served row says where it came from; ``fail`` positions are skipped."""
 
     hook_names = ["h"]
     hook_widths = {"h": 2}
@@ -96,8 +105,12 @@ class RowSource:
     def iter_chunks(self, start=0, end=None, boundary=None):
         for positions in ConsecutiveBatches(start, self.model_batch_size, end, boundary):
             ok = [g for g in positions if g not in self.fail]
-            rows = torch.tensor([[g, t] for g in ok for t in range(self.tokens_per_image)], dtype=torch.float32)
-            yield Chunk(positions[0], positions[-1] + 1, {"h": rows.reshape(-1, 2)}, len(ok), len(positions) - len(ok))
+            rows = torch.tensor(
+                [[g, t] for g in ok for t in range(self.tokens_per_image)], dtype=torch.float32
+            )
+            yield Chunk(
+                positions[0], positions[-1] + 1, {"h": rows.reshape(-1, 2)}, len(ok), len(positions) - len(ok)
+            )
 
 
 def take(store, n):
@@ -105,7 +118,9 @@ def take(store, n):
 
 
 def test_store_mixes_rows_and_serves_each_row_once_per_segment():
-    store = ImageActivationStore(RowSource(), batch_size=16, buffer_rows=64, images_per_segment=32, seed=1, prefetch=0)
+    store = ImageActivationStore(
+        FakeImageActivationSource(), batch_size=16, buffer_rows=64, images_per_segment=32, seed=1, prefetch=0
+    )
     batches = take(store, 32)  # segment 0: 32 images x 8 tokens = 256 rows = 16 batches; then segment 1
     rows = torch.cat(batches)
     first = rows[:256]
@@ -118,8 +133,15 @@ def test_store_mixes_rows_and_serves_each_row_once_per_segment():
 
 def test_store_resume_is_exact_mid_segment_and_across_segments():
     def make(position=None, prefetch=0):
-        return ImageActivationStore(RowSource(), batch_size=16, buffer_rows=64, images_per_segment=32, seed=3,
-                                    prefetch=prefetch, position=position)  # fmt: skip
+        return ImageActivationStore(
+            FakeImageActivationSource(),
+            batch_size=16,
+            buffer_rows=64,
+            images_per_segment=32,
+            seed=3,
+            prefetch=prefetch,
+            position=position,
+        )
 
     full = make()
     reference = take(full, 40)
@@ -132,7 +154,9 @@ def test_store_resume_is_exact_mid_segment_and_across_segments():
         tail = take(second, 40 - cut)
         assert all(torch.equal(a, b) for a, b in zip(reference, head + tail)), cut
         assert second.counters == full.counters and full.counters["rows_served"] == 40 * 16
-    other_seed = ImageActivationStore(RowSource(), batch_size=16, buffer_rows=64, images_per_segment=32, seed=4)
+    other_seed = ImageActivationStore(
+        FakeImageActivationSource(), batch_size=16, buffer_rows=64, images_per_segment=32, seed=4
+    )
     assert not torch.equal(torch.cat(take(other_seed, 4)), torch.cat(reference[:4]))
 
 
@@ -140,10 +164,20 @@ def test_real_model_store_resume_is_exact(tiny_model):
     model, preprocess = tiny_model
 
     def make(position=None, prefetch=2):
-        source = ImageActivationSource(model, preprocess, synthetic_images(6), "blocks.1.hook_resid_post", "all",
-                                       model_batch_size=4, num_workers=1, seed=2, augment="crop_flip")  # fmt: skip
-        return ImageActivationStore(source, batch_size=32, buffer_rows=64, seed=2, prefetch=prefetch,
-                                    position=position)  # fmt: skip
+        source = ImageActivationSource(
+            model,
+            preprocess,
+            synthetic_images(6),
+            "blocks.1.hook_resid_post",
+            "all",
+            model_batch_size=4,
+            num_workers=1,
+            seed=2,
+            augment="crop_flip",
+        )
+        return ImageActivationStore(
+            source, batch_size=32, buffer_rows=64, seed=2, prefetch=prefetch, position=position
+        )
 
     first = make()
     reference = take(first, 9)
@@ -161,7 +195,9 @@ def test_real_model_store_resume_is_exact(tiny_model):
 def test_multi_hook_batches_stay_aligned(tiny_model):
     model, preprocess = tiny_model
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out"]
-    source = ImageActivationSource(model, preprocess, synthetic_images(4), hooks, "patches", model_batch_size=4)
+    source = ImageActivationSource(
+        model, preprocess, synthetic_images(4), hooks, "patches", model_batch_size=4
+    )
     assert source.stop_at_layer == 2
     store = ImageActivationStore(source, batch_size=16, buffer_rows=32, seed=0, prefetch=1)
     batches = take(store, 3)
@@ -181,9 +217,19 @@ def test_unreadable_images_are_skipped_and_counted(tiny_model, tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     images = synthetic_images(6) + [str(corrupt), str(tmp_path / "missing.jpg")]
-    source = ImageActivationSource(model, preprocess, images, "blocks.0.hook_resid_post", "patches",
-                                   model_batch_size=4, num_workers=1, seed=0)  # fmt: skip
-    store = ImageActivationStore(source, batch_size=16, buffer_rows=32, images_per_segment=8, seed=0, prefetch=1)
+    source = ImageActivationSource(
+        model,
+        preprocess,
+        images,
+        "blocks.0.hook_resid_post",
+        "patches",
+        model_batch_size=4,
+        num_workers=1,
+        seed=0,
+    )
+    store = ImageActivationStore(
+        source, batch_size=16, buffer_rows=32, images_per_segment=8, seed=0, prefetch=1
+    )
     take(store, 6)  # 6 readable images x 4 patches = 24 rows per epoch of 8 positions
     store.close()
     assert store.counters["images_failed"] >= 2 and store.counters["images_failed"] % 2 == 0
@@ -194,13 +240,20 @@ def test_unreadable_images_are_skipped_and_counted(tiny_model, tmp_path):
 
 def test_nothing_readable_is_an_error(tiny_model, tmp_path):
     model, preprocess = tiny_model
-    source = ImageActivationSource(model, preprocess, [str(tmp_path / f"gone{i}.png") for i in range(3)],
-                                   "blocks.0.hook_resid_post", "patches", model_batch_size=8)  # fmt: skip
+    source = ImageActivationSource(
+        model,
+        preprocess,
+        [str(tmp_path / f"gone{i}.png") for i in range(3)],
+        "blocks.0.hook_resid_post",
+        "patches",
+        model_batch_size=8,
+    )
     with pytest.raises(RuntimeError, match="none of the first"):
         list(source.iter_chunks(0, 40))
 
 
-# ----------------------------------------------------------------------------------------------- image sources
+# ----------------------------------------------------------------------------------------------- image
+# sources
 
 
 def test_image_folder_and_saved_hf_dataset(tmp_path):
@@ -216,9 +269,10 @@ def test_image_folder_and_saved_hf_dataset(tmp_path):
     assert images.load(0).mode == "RGB"
 
     grey = [im.convert("L") for im in synthetic_images(4)]
-    ds = datasets.Dataset.from_dict({"picture": grey, "label": [0, 1, 2, 3]},
-                                    features=datasets.Features({"picture": datasets.Image(),
-                                                                "label": datasets.Value("int64")}))  # fmt: skip
+    ds = datasets.Dataset.from_dict(
+        {"picture": grey, "label": [0, 1, 2, 3]},
+        features=datasets.Features({"picture": datasets.Image(), "label": datasets.Value("int64")}),
+    )
     ds.save_to_disk(str(tmp_path / "ds"))
     loaded = open_images(str(tmp_path / "ds"))
     assert len(loaded) == 4 and loaded.image_column == "picture"

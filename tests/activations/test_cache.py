@@ -9,14 +9,10 @@ import pytest
 import torch
 from vision_training_helpers import load_tiny, synthetic_images, tiny_config
 
-from sae_vision_ext.activations.cache import (
-    CACHE_METADATA_FILENAME,
-    INCOMPLETE_SUFFIX,
-    CachedActivations,
-)
+from sae_vision_ext.activations.rows import CACHE_METADATA_FILENAME, INCOMPLETE_SUFFIX, CachedActivations
 from sae_vision_ext.activations.source import ImageActivationSource
 from sae_vision_ext.activations.store import CachedActivationStore
-from sae_vision_ext.training.runner import cache_activations
+from sae_vision_ext.training.caching import cache_activations
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -27,15 +23,26 @@ def tiny_model():
 
 
 def _cfg(tmp_path, **overrides):
-    fields = dict(sae=None, hook_name=HOOK, token_selection="patches", images_per_shard=8, augment="crop_flip")
+    fields = dict(
+        sae=None, hook_name=HOOK, token_selection="patches", images_per_shard=8, augment="crop_flip"
+    )
     fields.update(overrides)
     return tiny_config(tmp_path / "unused", **fields)
 
 
 def _write(cfg, path, tiny_model, n_images=20, images=None, **kw):
     model, preprocess = tiny_model
-    return cache_activations(cfg, path, n_images, images=images or synthetic_images(6), model=model,
-                             preprocess=preprocess, progress=False, say=lambda m: None, **kw)  # fmt: skip
+    return cache_activations(
+        cfg,
+        path,
+        n_images,
+        images=images or synthetic_images(6),
+        model=model,
+        preprocess=preprocess,
+        progress=False,
+        say=lambda m: None,
+        **kw,
+    )
 
 
 def _all_rows(cache, hook=HOOK):
@@ -50,15 +57,26 @@ def test_cache_is_saelens_format_shuffled_and_readable_without_a_model(tmp_path,
     cache = _write(cfg, tmp_path / "cache", tiny_model)
     meta = cache.metadata
     assert meta["model_name"] == cfg.model_name and meta["hook_names"] == [HOOK]
-    assert meta["weights"] is None and meta["token_selection"] == "patches"  # a model passed without a record and meta["modality"] == "vision"
+    assert (
+        meta["weights"] is None and meta["token_selection"] == "patches"
+    )  # a model passed without a record and meta["modality"] == "vision"
     assert meta["n_images"] == 20 and meta["n_images_ok"] == 20 and meta["n_images_failed"] == 0
     assert meta["context_size"] == 4 and meta["n_rows"] == 80 and meta["n_shards"] == 3
     assert meta["image_size"] == [32, 32] and meta["hook_widths"] == {HOOK: 192}
 
     # the same rows the source produces, but token-shuffled within each shard
     model, preprocess = tiny_model
-    source = ImageActivationSource(model, preprocess, synthetic_images(6), HOOK, "patches", model_batch_size=4,
-                                   seed=cfg.seed, augment="crop_flip", crop_scale=cfg.crop_scale)  # fmt: skip
+    source = ImageActivationSource(
+        model,
+        preprocess,
+        synthetic_images(6),
+        HOOK,
+        "patches",
+        model_batch_size=4,
+        seed=cfg.seed,
+        augment="crop_flip",
+        crop_scale=cfg.crop_scale,
+    )
     direct = torch.cat([c.rows[HOOK] for c in source.iter_chunks(0, 20, boundary=8)]).numpy()
     cached = _all_rows(cache)
     assert cached.shape == direct.shape and not np.array_equal(cached, direct)
@@ -68,11 +86,24 @@ def test_cache_is_saelens_format_shuffled_and_readable_without_a_model(tmp_path,
     ds = datasets.load_from_disk(str(cache.path))
     assert ds.column_names == [HOOK] and len(ds) == 20
     assert ds.features[HOOK].shape == (4, 192)
-    store = ActivationsStore(model=None, dataset=None, streaming=False, hook_name=HOOK, hook_head_index=None,
-                             context_size=4, d_in=192, n_batches_in_buffer=8, total_training_tokens=80,
-                             store_batch_size_prompts=4, train_batch_size_tokens=16, prepend_bos=False,
-                             normalize_activations="none", device=torch.device("cpu"), dtype="float32",
-                             cached_activations_path=str(cache.path))  # fmt: skip
+    store = ActivationsStore(
+        model=None,
+        dataset=None,
+        streaming=False,
+        hook_name=HOOK,
+        hook_head_index=None,
+        context_size=4,
+        d_in=192,
+        n_batches_in_buffer=8,
+        total_training_tokens=80,
+        store_batch_size_prompts=4,
+        train_batch_size_tokens=16,
+        prepend_bos=False,
+        normalize_activations="none",
+        device=torch.device("cpu"),
+        dtype="float32",
+        cached_activations_path=str(cache.path),
+    )
     assert next(store).shape == (16, 192)
     # the same cache again: nothing to do; other settings: refused, the finished cache untouched
     before = (tmp_path / "cache" / "state.json").stat().st_mtime_ns

@@ -1,4 +1,4 @@
-"""Activation caching over 2 gloo processes (loopback) gives the cache one process writes: same rows, one commit."""
+"""Caching over 2 gloo processes (loopback) gives the cache one process writes: same rows, one commit."""
 
 import os
 
@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from sae_vision_ext.activations.cache import ActivationCacheWriter, CachedActivations
+from sae_vision_ext.activations.cache import ActivationCacheWriter
 from sae_vision_ext.activations.distributed_cache import (
     assign_shards,
     cache_activations_distributed,
     source_shard_writer,
     write_cache_distributed,
 )
-from sae_vision_ext.training.distributed import DistributedContext, spawn_local
+from sae_vision_ext.activations.process_group import DistributedContext, spawn_local
+from sae_vision_ext.activations.rows import CachedActivations
 
 HOOK = "blocks.1.hook_resid_post"
 N_IMAGES, PER_SHARD = 22, 4  # 6 shards, the last one partial
@@ -32,18 +33,25 @@ def _source():
 
     torch.manual_seed(0)
     model, preprocess = load_vision_model("timm:vit_tiny_patch16_224", pretrained=False, img_size=32)
-    return ImageActivationSource(model.eval(), preprocess, _images(), HOOK, token_selection="all",
-                                 model_batch_size=3, seed=0)
+    return ImageActivationSource(
+        model.eval(), preprocess, _images(), HOOK, token_selection="all", model_batch_size=3, seed=0
+    )
 
 
 def _settings(source):
-    return {"hook_names": [HOOK], "token_selection": "all", "tokens_per_image": source.tokens_per_image,
-            "n_images": N_IMAGES, "model": "tiny"}
+    return {
+        "hook_names": [HOOK],
+        "token_selection": "all",
+        "tokens_per_image": source.tokens_per_image,
+        "n_images": N_IMAGES,
+        "model": "tiny",
+    }
 
 
 def _cache(path, context=None):
-    return cache_activations_distributed(_source(), path, images_per_shard=PER_SHARD, settings={"model": "tiny"},
-                                         seed=1, context=context)
+    return cache_activations_distributed(
+        _source(), path, images_per_shard=PER_SHARD, settings={"model": "tiny"}, seed=1, context=context
+    )
 
 
 def _worker(context: DistributedContext, out: str) -> None:
@@ -82,8 +90,13 @@ def caches(tmp_path_factory):
 
     spawn_local(_worker, 2, (str(out),), backend="gloo", start_method="fork")
     single = _cache(out / "single")
-    return {"out": out, "single": single, "ddp": CachedActivations(out / "ddp"),
-            "resumed": CachedActivations(out / "resumed"), "shard0_mtime": shard0_mtime}
+    return {
+        "out": out,
+        "single": single,
+        "ddp": CachedActivations(out / "ddp"),
+        "resumed": CachedActivations(out / "resumed"),
+        "shard0_mtime": shard0_mtime,
+    }
 
 
 def test_two_ranks_write_the_same_rows_as_one_process(caches):
@@ -123,7 +136,7 @@ def test_shard_assignment_is_disjoint_and_covering():
 
 
 def test_sae_vision_cache_under_torchrun_equals_a_single_process_run(tmp_path):
-    """``torchrun --nproc_per_node 2 -m sae_vision_ext.cli cache ...`` writes the cache ``sae-vision cache`` writes."""
+    """``torchrun --nproc_per_node 2 -m sae_vision_ext.cli cache ...`` writes the single-process cache."""
     import subprocess
     import sys
 
@@ -134,13 +147,40 @@ def test_sae_vision_cache_under_torchrun_equals_a_single_process_run(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(10):
         Image.fromarray(rng.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    args = ["cache", "--dataset", str(folder), "--model", "timm:vit_tiny_patch16_224", "--random-init",
-            "--img-size", "32", "--hook", HOOK, "--tokens", "all", "--model-batch-size", "2", "--workers", "0",
-            "--device", "cpu", "--seed", "3", "--images", "14", "--allow-repeat", "--shard-images", "4", "--quiet"]
+    args = [
+        "cache",
+        "--dataset",
+        str(folder),
+        "--model",
+        "timm:vit_tiny_patch16_224",
+        "--random-init",
+        "--img-size",
+        "32",
+        "--hook",
+        HOOK,
+        "--tokens",
+        "all",
+        "--model-batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--images",
+        "14",
+        "--allow-repeat",
+        "--shard-images",
+        "4",
+        "--quiet",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for command in ([*launch, "-m", "sae_vision_ext.cli", *args, "--output", str(tmp_path / "ddp")],
-                    [sys.executable, "-m", "sae_vision_ext.cli", *args, "--output", str(tmp_path / "single")]):
+    for command in (
+        [*launch, "-m", "sae_vision_ext.cli", *args, "--output", str(tmp_path / "ddp")],
+        [sys.executable, "-m", "sae_vision_ext.cli", *args, "--output", str(tmp_path / "single")],
+    ):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.count("cache: ") == 1  # the summary is printed by rank 0 only

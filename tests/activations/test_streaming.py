@@ -1,29 +1,43 @@
-"""Streaming input: WebDataset tar shards (our reader) and HF `datasets` streaming, partitioned over ranks/workers."""
+"""Image streams as a ``--dataset``: WebDataset tar shards (the ``webdataset`` package) and HF streaming
+datasets.
+
+A stream gives, position by position, the inputs an image folder of the same images gives with shuffling off;
+batches arrive in order whatever the number of workers; ``sae-vision cache`` writes a stream and resumes it.
+"""
+
+from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from vision_training_helpers import TINY_MODEL, shared_tiny, synthetic_images
 
-from sae_vision_ext.activations.streaming import (
-    HFStreamingImages,
-    HFStreamingRows,
-    StreamPart,
-    WebDatasetArrays,
-    WebDatasetImages,
-    WebDatasetSamples,
-    expand_shards,
-    shuffled_row_batches,
-    stream_image_batches,
+from sae_vision_ext.activations.cache import ActivationCacheWriter
+from sae_vision_ext.activations.images import (
+    FolderImages,
+    PositionedImages,
+    SubsetImages,
+    image_batches,
+    open_images,
 )
+from sae_vision_ext.activations.rows import CachedActivations
+from sae_vision_ext.activations.source import ImageActivationSource
+from sae_vision_ext.activations.store import CachedActivationStore, ImageActivationStore
+from sae_vision_ext.activations.streaming import HFImageStream, TarImageStream, stream_items
+from sae_vision_ext.cli import main as cli_main
+
+HOOK = "blocks.1.hook_resid_post"
+N_IMAGES = 10
 
 
-def _png(value: int, size: int = 8) -> bytes:
+def _png(image) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -33,156 +47,205 @@ def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))
 
 
-def _write_shards(root, n_shards=4, per_shard=6, corrupt=("s1/0003",), no_image=("s2/0001",)):
-    """Shards shard-000..: sample s{i}/{j:04d} = png of value 10*i + j plus a .cls member."""
-    paths = []
-    for i in range(n_shards):
-        path = root / f"shard-{i:03d}.tar"
-        with tarfile.open(path, "w") as archive:
-            for j in range(per_shard):
-                key = f"s{i}/{j:04d}"
-                if key not in no_image:
-                    data = b"not a png at all" if key in corrupt else _png(10 * i + j)
-                    _add(archive, f"{key}.png", data)
-                _add(archive, f"{key}.cls", str(j).encode())
-        paths.append(str(path))
-    return paths
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """The same 10 images as a folder (sorted names), as 3 tar shards (4 + 4 + 2) and as a parquet folder."""
+    root = tmp_path_factory.mktemp("photos")
+    images = synthetic_images(N_IMAGES)
+    (root / "folder").mkdir()
+    (root / "tars").mkdir()
+    for i, image in enumerate(images):
+        image.save(root / "folder" / f"p{i:02d}.png")
+    for shard, indices in enumerate([range(0, 4), range(4, 8), range(8, 10)]):
+        with tarfile.open(root / "tars" / f"shard-{shard:03d}.tar", "w") as archive:
+            for i in indices:
+                _add(archive, f"p{i:02d}.png", _png(images[i]))
+                _add(archive, f"p{i:02d}.cls", str(i).encode())
+    (root / "parquet").mkdir()
+    dataset = datasets.Dataset.from_dict(
+        {"image": images, "label": list(range(N_IMAGES))},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    dataset.to_parquet(str(root / "parquet" / "train.parquet"))
+    return root
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.uint8)
+
+
+def to_tensor(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
+
+
+def test_tar_shards_open_as_a_stream_by_pattern_folder_and_file(photos):
+    by_pattern = open_images(str(photos / "tars" / "shard-{000..002}.tar"))
+    by_folder = open_images(str(photos / "tars"))
+    one_file = open_images(str(photos / "tars" / "shard-002.tar"))
+    assert isinstance(by_pattern, TarImageStream) and by_pattern.urls == by_folder.urls
+    assert len(by_pattern) == N_IMAGES and by_pattern.shard_sizes() == [4, 4, 2] and len(one_file) == 2
+    folder = FolderImages(photos / "folder")
+    for offset in (0, 3, 4, 9):  # resuming skips whole shards, then samples
+        items = list(by_pattern.iter_from(offset))
+        assert len(items) == N_IMAGES - offset
+        for i, item in zip(range(offset, N_IMAGES), items):
+            assert np.array_equal(_pixels(open_images([item]).load(0)), _pixels(folder.load(i)))
+    with pytest.raises(FileNotFoundError, match="no tar shard"):
+        open_images(str(photos / "tars" / "shard-{000..004}.tar"))
+
+
+def test_positions_wrap_into_epochs_of_the_stream(photos):
+    stream = TarImageStream(str(photos / "tars" / "shard-{000..002}.tar"))
+    items = stream_items(stream, 7)
+    keys = [bytes(next(items)["bytes"]) for _ in range(N_IMAGES + 3)]  # 7, 8, 9, then 0, 1, ... 9, 0, 1, 2
+    first_pass = [bytes(item["bytes"]) for item in stream.iter_from(0)]
+    assert keys == first_pass[7:] + first_pass
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stream_batches_equal_the_folder_without_shuffling(photos, num_workers):
+    folder = PositionedImages(
+        FolderImages(photos / "folder"), to_tensor, seed=1, augment="crop_flip", shuffle=False
+    )
+    stream = PositionedImages(open_images(str(photos / "tars")), to_tensor, seed=1, augment="crop_flip")
+    assert stream.is_stream and not stream.shuffle  # a stream keeps its own order
+    # positions 6..29: three passes of the stream, batches of 4, none crossing a multiple of 8
+    want = list(image_batches(folder, 6, 4, end=30, boundary=8))
+    got = list(image_batches(stream, 6, 4, end=30, boundary=8, num_workers=num_workers))
+    assert [(b.start, b.end) for b in got] == [(b.start, b.end) for b in want]
+    assert all(torch.equal(g.pixels, w.pixels) for g, w in zip(got, want))
+
+
+def test_an_unreadable_or_missing_image_is_counted_not_fatal(tmp_path):
+    good = _png(synthetic_images(1)[0])
+    with tarfile.open(tmp_path / "bad.tar", "w") as archive:
+        _add(archive, "a.png", good)
+        _add(archive, "b.png", b"not a png")
+        _add(archive, "c.txt", b"no image here")
+        _add(archive, "d.png", good)
+    stream = PositionedImages(open_images(str(tmp_path / "bad.tar")), to_tensor)
+    (batch,) = list(image_batches(stream, 0, 4, end=4))
+    assert batch.pixels.shape[0] == 2 and batch.n_failed == 2
+    assert "position 2: MissingImage: sample c has no image (txt)" in batch.errors
+
+
+def test_hf_stream_from_local_parquet_equals_the_folder(photos, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    stream = open_images(f"hf-stream:{photos / 'parquet'}:train")
+    assert isinstance(stream, HFImageStream) and stream.image_column == "image" and len(stream) == N_IMAGES
+    folder = FolderImages(photos / "folder")
+    items = list(stream.iter_from(6))
+    assert len(items) == 4
+    for i, item in zip(range(6, N_IMAGES), items):
+        assert np.array_equal(_pixels(open_images([item]).load(0)), _pixels(folder.load(i)))
+
+
+def test_a_stream_cannot_hold_images_out(photos):
+    with pytest.raises(ValueError, match="--eval-dataset"):
+        SubsetImages(open_images(str(photos / "tars")), [0, 1])
+
+
+# ----------------------------------------------------------------------------------------------- sae-vision
+# cache
+
+
+def cache_argv(dataset: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "cache",
+        "--model",
+        TINY_MODEL,
+        "--random-init",
+        "--img-size",
+        "32",
+        "--hook",
+        HOOK,
+        "--tokens",
+        "all",
+        "--dataset",
+        dataset,
+        "--workers",
+        "0",
+        "--model-batch-size",
+        "4",
+        "--seed",
+        "3",
+        "--quiet",
+        "--augment",
+        "crop_flip",
+        "--images",
+        "24",
+        "--shard-images",
+        "8",
+        "--output",
+        str(out),
+        *extra,
+    ]
+
+
+def _rows(path: Path) -> np.ndarray:
+    return np.concatenate(list(CachedActivations(path).iter_rows(HOOK)))
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return _write_shards(tmp_path_factory.mktemp("wds"))
+def folder_cache(photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "cache"
+    assert cli_main(cache_argv(str(photos / "folder"), out, "--shuffle-images", "false")) == 0
+    return _rows(out)
 
 
-def test_brace_expansion_keeps_padding(tmp_path):
-    assert expand_shards("s3://b/shard-{008..011}.tar") == [f"s3://b/shard-{i:03d}.tar" for i in range(8, 12)]
-    for i in range(3):
-        (tmp_path / f"x{i}.tar").write_bytes(b"")
-    assert expand_shards(str(tmp_path / "x*.tar")) == [str(tmp_path / f"x{i}.tar") for i in range(3)]
+@pytest.mark.parametrize("dataset", ["tars/shard-{000..002}.tar", "hf-stream:parquet"])
+def test_cache_command_writes_a_stream_and_resumes_it(photos, folder_cache, tmp_path, monkeypatch, dataset):
+    """Interrupted after its first shard, the same command finishes the cache: the folder's rows, in order."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    original = ActivationCacheWriter.write_shard
+
+    def write_then_stop(self, index, *args, **kwargs):
+        original(self, index, *args, **kwargs)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cache"
+    argv = cache_argv(
+        str(photos / dataset) if dataset.startswith("tars") else f"hf-stream:{photos / 'parquet'}", out
+    )
+    monkeypatch.setattr(ActivationCacheWriter, "write_shard", write_then_stop)
+    assert cli_main(argv) == 130
+    monkeypatch.setattr(ActivationCacheWriter, "write_shard", original)
+    assert cli_main(argv) == 0
+    assert np.array_equal(_rows(out), folder_cache)
+    cache = CachedActivations(out)
+    assert cache.metadata["n_dataset_images"] == N_IMAGES and cache.metadata["n_images_ok"] == 24
+    batch = next(CachedActivationStore(cache, batch_size=16))  # what `sae-vision train --cache` reads
+    assert batch.shape == (16, 192)
 
 
-def test_tar_samples_group_members_by_key_and_images_decode(shards):
-    samples = list(WebDatasetSamples(shards[:1]).iter_part(StreamPart()))
-    assert [s["__key__"] for s in samples] == [f"s0/{j:04d}" for j in range(6)]
-    assert set(samples[2]) == {"__key__", "__url__", "png", "cls"} and samples[2]["cls"] == b"2"
-
-    items = list(WebDatasetImages(shards).iter_part(StreamPart()))
-    assert len(items) == 24
-    failed = {it.key for it in items if it.image is None}
-    assert failed == {"s1/0003", "s2/0001"}  # corrupt bytes, and a sample with no image field
-    by_key = {it.key: it.image for it in items}
-    assert np.asarray(by_key["s3/0005"])[0, 0].tolist() == [35, 35, 35]
+# ----------------------------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("split_by", ["shard", "sample"])
-@pytest.mark.parametrize("n_parts", [2, 3, 4])
-def test_parts_are_disjoint_and_cover_the_stream(shards, split_by, n_parts):
-    everything = [it.key for it in WebDatasetImages(shards).iter_part(StreamPart())]
-    parts = [
-        [it.key for it in WebDatasetImages(shards, split_by=split_by).iter_part(StreamPart(p, n_parts))]
-        for p in range(n_parts)
-    ]
-    flat = [k for part in parts for k in part]
-    assert len(flat) == len(set(flat)) == len(everything)
-    assert set(flat) == set(everything)
-    assert all(parts)
+def test_training_reads_a_stream_as_the_folder_and_resumes_exactly(photos):
+    """`sae-vision train --dataset STREAM`: the store reads positions in order only, so it streams."""
+    model, preprocess = shared_tiny()
 
+    def make(images, position=None, shuffle=False):
+        source = ImageActivationSource(
+            model,
+            preprocess,
+            images,
+            HOOK,
+            "all",
+            model_batch_size=4,
+            seed=2,
+            augment="crop_flip",
+            shuffle=shuffle,
+        )
+        return ImageActivationStore(
+            source, batch_size=16, buffer_rows=32, images_per_segment=8, seed=1, prefetch=0, position=position
+        )
 
-def test_truncated_and_missing_shards_are_counted_not_fatal(shards, tmp_path):
-    data = open(shards[0], "rb").read()
-    with tarfile.open(shards[0]) as archive:
-        cut = archive.getmembers()[7].offset_data + 10  # inside a member's data: an interrupted download
-    truncated = tmp_path / "truncated.tar"
-    truncated.write_bytes(data[:cut])
-    source = WebDatasetSamples([str(truncated), str(tmp_path / "missing.tar"), shards[1]])
-    keys = [s["__key__"] for s in source.iter_part(StreamPart())]
-    assert keys[-6:] == [f"s1/{j:04d}" for j in range(6)]  # the good shard is read in full
-    assert 0 < len(keys) - 6 < 6  # part of the truncated shard was read
-    assert source.n_corrupt_shards == 2
-
-
-def test_repeat_and_shard_shuffle_are_the_same_in_every_part(shards):
-    source = WebDatasetSamples(shards, shuffle_shards_seed=3, repeat=True)
-    assert source.shard_order(0) != source.shard_order(1)
-    stream = source.iter_part(StreamPart())
-    first_two_epochs = [next(stream)["__key__"] for _ in range(48)]
-    assert sorted(first_two_epochs[:24]) == sorted(first_two_epochs[24:])
-
-
-def test_dataloader_workers_times_ranks_partition_the_stream(shards):
-    """2 simulated ranks x 2 DataLoader workers: 4 disjoint parts; failures counted by the batcher."""
-    to_tensor = lambda image: torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # noqa: E731
-    keys, failed = [], 0
-    for rank in range(2):
-        for batch in stream_image_batches(WebDatasetImages(shards), to_tensor, batch_size=4, num_workers=2,
-                                          rank=rank, world_size=2):
-            keys += batch.keys
-            failed += batch.n_failed
-            assert batch.pixels is None or batch.pixels.shape[1:] == (3, 8, 8)
-    assert failed == 2
-    assert len(keys) == len(set(keys)) == 22
-
-
-def test_hf_streaming_parquet_images_partitioned(tmp_path):
-    import datasets
-
-    files = []
-    for f in range(2):
-        rows = {"image": [{"bytes": _png(f * 50 + i), "path": None} for i in range(5)], "id": [f"{f}-{i}" for i in range(5)]}
-        rows["image"][1] = {"bytes": b"garbage", "path": None} if f == 1 else rows["image"][1]
-        ds = datasets.Dataset.from_dict(rows, features=datasets.Features(
-            {"image": datasets.Image(), "id": datasets.Value("string")}))
-        path = tmp_path / f"part-{f}.parquet"
-        ds.to_parquet(str(path))
-        files.append(str(path))
-    source = HFStreamingImages("parquet", data_files=files, key_column="id")
-    whole = list(source.iter_part(StreamPart()))
-    assert len(whole) == 10 and [it.key for it in whole if it.image is None] == ["1-1"]
-    assert np.asarray(whole[3].image)[0, 0, 0] == 3
-    for n_parts in (2, 3):  # by file (2 | 2), by example (3 does not divide 2 files)
-        parts = [[it.key for it in source.iter_part(StreamPart(p, n_parts))] for p in range(n_parts)]
-        flat = [k for part in parts for k in part]
-        assert sorted(flat) == sorted(it.key for it in whole) and len(set(flat)) == 10
-
-
-def test_activation_rows_from_tar_and_parquet_feed_fixed_size_batches(tmp_path):
-    import datasets
-
-    rng = np.random.default_rng(0)
-    blocks = [rng.standard_normal((16, 4)).astype(np.float32) for _ in range(6)]
-    with tarfile.open(tmp_path / "rows.tar", "w") as archive:
-        for i, block in enumerate(blocks):
-            buffer = io.BytesIO()
-            np.save(buffer, block)
-            _add(archive, f"{i:05d}.npy", buffer.getvalue())
-    from_tar = torch.cat(list(WebDatasetArrays(str(tmp_path / "rows.tar")).iter_part(StreamPart())))
-    assert torch.equal(from_tar, torch.from_numpy(np.concatenate(blocks)))
-
-    features = datasets.Features({"hook": datasets.Array2D(shape=(8, 4), dtype="float32")})
-    ds = datasets.Dataset.from_dict({"hook": np.concatenate(blocks).reshape(12, 8, 4)}, features=features)
-    ds.to_parquet(str(tmp_path / "rows.parquet"))
-    from_parquet = torch.cat(list(HFStreamingRows("parquet", "hook", data_files=str(tmp_path / "rows.parquet"))
-                                  .iter_part(StreamPart())))
-    assert torch.equal(from_parquet, from_tar)
-
-    batches = list(shuffled_row_batches([from_tar[i : i + 16] for i in range(0, 96, 16)], batch_size=8,
-                                        buffer_rows=32, seed=0))
-    assert all(b.shape == (8, 4) for b in batches) and len(batches) == 12
-    got = torch.cat(batches)
-    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, from_tar.tolist()))  # each row exactly once
-    assert not torch.equal(got, from_tar)  # and mixed
-
-
-def test_streamed_images_become_activation_rows_for_training(shards):
-    from sae_vision_ext.activations.streaming import stream_activation_rows
-    from sae_vision_ext.vision.load import load_vision_model
-
-    torch.manual_seed(0)
-    model, preprocess = load_vision_model("timm:vit_tiny_patch16_224", pretrained=False, img_size=32)
-    images = stream_image_batches(WebDatasetImages(shards), preprocess, batch_size=5, rank=0, world_size=1)
-    blocks = list(stream_activation_rows(model.eval(), images, "blocks.0.hook_resid_post", "patches"))
-    n_patches = model.token_layout.n_patches
-    assert sum(b.shape[0] for b in blocks) == 22 * n_patches  # 24 samples, 2 unreadable
-    assert all(b.shape[1] == model.hook_width("blocks.0.hook_resid_post") for b in blocks)
-    batches = list(shuffled_row_batches(blocks, batch_size=16, buffer_rows=32, seed=0))
-    assert len(batches) == 22 * n_patches // 16
+    folder = make(FolderImages(photos / "folder"))
+    reference = [next(folder) for _ in range(12)]  # 12 x 16 rows = 192 rows = 38 images: about 4 passes
+    head_store = make(open_images(str(photos / "tars")), shuffle=True)
+    head = [next(head_store) for _ in range(5)]
+    resumed = make(open_images(str(photos / "tars")), position=head_store.state_dict())
+    tail = [next(resumed) for _ in range(7)]
+    assert all(torch.equal(a, b) for a, b in zip(reference, head + tail))

@@ -1,4 +1,5 @@
-"""Concept naming: planted vocabularies name the right atoms; shipped vocabulary; text-embedding disk cache."""
+"""Concept naming: planted vocabularies name the right atoms; shipped vocabulary; text-embedding disk
+cache."""
 
 import pytest
 import torch
@@ -99,9 +100,13 @@ def test_clip_text_encoder_path_and_disk_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(concepts, "embed_texts", broken)
     assert name_concepts(sae, words, model=model).best() == {0: "ocean", 1: "forest"}
-    other_template = text_embedding_cache_path(f"{model.spec}@{weights_fingerprint(model)}", words, "a photo of a {}")
+    other_template = text_embedding_cache_path(
+        f"{model.spec}@{weights_fingerprint(model)}", words, "a photo of a {}"
+    )
     assert other_template != cache_file
-    other_weights, _ = tiny_clip(seed=3)  # same spec string, different (random) weights: a different cache entry
+    other_weights, _ = tiny_clip(
+        seed=3
+    )  # same spec string, different (random) weights: a different cache entry
     assert weights_fingerprint(other_weights) != weights_fingerprint(model)
 
 

@@ -8,7 +8,7 @@ import torch
 from sae_vision_ext.analysis.bias import (
     bias_probe,
     fit_linear_probe,
-    zero_shot_classifier,
+    zero_shot_head,
 )
 from sae_vision_ext.analysis.concepts import ConceptName, ConceptNames
 from sae_vision_ext.analysis.retrieval import concept_search, embed_images, nearest
@@ -39,14 +39,18 @@ def test_concept_search_returns_the_planted_images():
     sae = planted_sae(atoms, "hook_image_embed")
     query = gallery[3]
     names = ConceptNames({CONCEPT: ConceptName(CONCEPT, ["stripes"], [0.9])})
-    result = concept_search(sae, query, gallery, latent="stripes", strength=6.0, top_k=10, names=names, exclude=[3])
+    result = concept_search(
+        sae, query, gallery, latent="stripes", strength=6.0, top_k=10, names=names, exclude=[3]
+    )
     assert result.latent == CONCEPT
     assert set(result.indices[0].tolist()) == set(planted)
     assert (result.scores[0][:-1] >= result.scores[0][1:]).all()
     plain = concept_search(sae, query, gallery, latent=CONCEPT, strength=0.0, top_k=10)
     assert plain.indices[0, 0] == 3  # unsteered, the query finds itself
     assert len(set(plain.indices[0].tolist()) & set(planted)) <= 2
-    clamped = concept_search(sae, query, gallery, latent=CONCEPT, strength=6.0, mode="clamp", top_k=10, exclude=[3])
+    clamped = concept_search(
+        sae, query, gallery, latent=CONCEPT, strength=6.0, mode="clamp", top_k=10, exclude=[3]
+    )
     assert set(clamped.indices[0].tolist()) == set(planted)
 
 
@@ -79,8 +83,14 @@ def test_bias_probe_detects_the_planted_attribute_shift():
     control = 2
     names = {CONCEPT: "smile"}
     table = bias_probe(
-        sae, x, probe, latents=["smile", control], strengths=[0.0, 1.0, 3.0], target_class=1,
-        attributes={"Smiling": attribute}, names=names,
+        sae,
+        x,
+        probe,
+        latents=["smile", control],
+        strengths=[0.0, 1.0, 3.0],
+        target_class=1,
+        attributes={"Smiling": attribute},
+        names=names,
     )
     assert table.baseline_rate == pytest.approx(0.5, abs=0.03)
     ablated = table.row(CONCEPT, 0.0)
@@ -101,7 +111,7 @@ def test_zero_shot_prompts_follow_the_concept(tmp_path):
     attribute = torch.arange(n) % 4 == 0
     x, atoms = _world(n, attribute.nonzero().squeeze(1), 1.0, seed=6)
     sae = planted_sae(atoms, "hook_image_embed")
-    classifier = zero_shot_classifier(torch.stack([atoms[0] + atoms[1], atoms[CONCEPT]]), temperature=20.0)
+    classifier = zero_shot_head(torch.stack([atoms[0] + atoms[1], atoms[CONCEPT]]), logit_scale=20.0)
     table = bias_probe(sae, x, classifier, latents=[CONCEPT], strengths=[0.0, 1.0, 3.0], mode="add")
     shifts = [table.row(CONCEPT, s)["dp"] for s in (0.0, 1.0, 3.0)]
     assert shifts[0] == pytest.approx(0.0, abs=1e-6)

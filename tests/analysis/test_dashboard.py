@@ -1,4 +1,5 @@
-"""Dashboards: statistics, heatmaps on the right patches, FVU-L0 plot, CLI, and the page in headless Chromium."""
+"""Dashboards: statistics, heatmaps on the right patches, FVU-L0 plot, CLI, and the page in headless
+Chromium."""
 
 import json
 
@@ -95,11 +96,20 @@ def _chromium_or_fail():
 def test_dashboard_opens_in_chromium_without_console_errors(clip, tmp_path):
     chromium = _chromium_or_fail()
     model, preprocess = clip
-    sae = make_sae(model.cfg.d_model, 48, "blocks.1.hook_resid_post", token_selection="cls", model_name=model.spec)
+    sae = make_sae(
+        model.cfg.d_model, 48, "blocks.1.hook_resid_post", token_selection="cls", model_name=model.spec
+    )
     images = synthetic_images(24, size=48, seed=5)
     small = make_sae(model.cfg.d_model, 16, "blocks.1.hook_resid_post", token_selection="cls", seed=1)
     paths = write_dashboard(
-        model, sae, images, tmp_path, preprocess=preprocess, n_latents=6, top_k=5, extra_saes=[("small", small)]
+        model,
+        sae,
+        images,
+        tmp_path,
+        preprocess=preprocess,
+        n_latents=6,
+        top_k=5,
+        extra_saes=[("small", small)],
     )
     html_text = paths["html"].read_text()
     assert "http://" not in html_text and "https://" not in html_text  # self-contained
@@ -135,12 +145,28 @@ def test_cli_writes_dashboard_for_a_saved_sae(clip, tmp_path, capsys):
     from sae_vision_ext.vision.load import weights_record
 
     model, preprocess = clip
-    sae = make_sae(model.cfg.d_model, 32, "blocks.0.hook_resid_post", token_selection="all",
-                   model_name=model.spec)  # fmt: skip
+    sae = make_sae(
+        model.cfg.d_model, 32, "blocks.0.hook_resid_post", token_selection="all", model_name=model.spec
+    )
     sae.cfg.metadata.weights = weights_record(model.spec, pretrained=False, seed=0)
     sae.save_model(tmp_path / "sae")
-    code = main(["--sae", str(tmp_path / "sae"), "--synthetic", "10", "--output", str(tmp_path / "out"),
-                 "--n-latents", "4", "--top-k", "3", "--batch-size", "4", "--quiet"])  # fmt: skip
+    code = main(
+        [
+            "--sae",
+            str(tmp_path / "sae"),
+            "--synthetic",
+            "10",
+            "--output",
+            str(tmp_path / "out"),
+            "--n-latents",
+            "4",
+            "--top-k",
+            "3",
+            "--batch-size",
+            "4",
+            "--quiet",
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     assert "dashboard.html" in captured.out and "fvu_vs_l0.png" in captured.out
@@ -150,8 +176,9 @@ def test_cli_writes_dashboard_for_a_saved_sae(clip, tmp_path, capsys):
     assert summary["summary"]["n_rows"] == 10 * model.token_layout.n_tokens
     assert (tmp_path / "out" / "fvu_vs_l0.png").stat().st_size > 1000
     images = synthetic_images(10, seed=0)  # what --synthetic 10 reads
-    expected = collect_dashboard_data(model, sae, images, preprocess, n_latents=4, top_k=3, batch_size=4,
-                                      heatmaps=False, progress=False).summary  # fmt: skip
+    expected = collect_dashboard_data(
+        model, sae, images, preprocess, n_latents=4, top_k=3, batch_size=4, heatmaps=False, progress=False
+    ).summary
     assert summary["summary"]["fvu"] == pytest.approx(expected["fvu"], rel=1e-5)
     assert f"FVU {expected['fvu']:.4f}" in captured.out
 

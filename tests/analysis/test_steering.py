@@ -164,7 +164,11 @@ def _msae(d_in, hook, seed=0):
 
     torch.manual_seed(seed)
     cfg = MatryoshkaTopKSAEConfig(
-        d_in=d_in, d_sae=48, k_levels=[4, 16, 48], standardize_input=True, metadata=SAEMetadata(hook_name=hook)
+        d_in=d_in,
+        d_sae=48,
+        k_levels=[4, 16, 48],
+        standardize_input=True,
+        metadata=SAEMetadata(hook_name=hook),
     )
     sae = MatryoshkaTopKSAE(cfg)
     sae.set_input_standardization(torch.randn(d_in) * 0.1, 0.5)
@@ -180,7 +184,9 @@ def _ra_sae(d_in, hook, seed=0):
     from sae_vision_ext.saes.archetypal import RASAE, RASAEConfig
 
     torch.manual_seed(seed)
-    cfg = RASAEConfig(d_in=d_in, d_sae=32, k=8, n_candidates=64, delta=0.5, metadata=SAEMetadata(hook_name=hook))
+    cfg = RASAEConfig(
+        d_in=d_in, d_sae=32, k=8, n_candidates=64, delta=0.5, metadata=SAEMetadata(hook_name=hook)
+    )
     return RASAE(cfg, candidates=torch.randn(64, d_in)).eval()
 
 

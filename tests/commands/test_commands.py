@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 from sae_vision_ext import cli
+from sae_vision_ext.analysis.dashboard import RANKINGS
+from sae_vision_ext.commands import dashboard
+from sae_vision_ext.evals.compare import FAMILIES
+from sae_vision_ext.evals.report_config import REPORT_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,29 +31,89 @@ def _help(command: str, capsys, *argv: str) -> str:
 
 # command -> snippets of its --help: the flags in the one vocabulary, each with its default
 HELP = {
-    "dashboard": ["--sae PATH", "--model [str]", "--weights [str]", "--dataset [str]", "--output str",
-                  "dataset split (default: train)", "number of latent cards (default: 16)",
-                  "top images per latent (default: 8)", "use at most this many images (default: 1000)",
-                  "how to pick the top latents (default: total)", "images per forward pass (default: 32)",
-                  "output folder (default: artifacts/dashboard)", "--demo", "--synthetic", "--latents",
-                  "--ks", "--rank-by {total,frequency,max}", "--name-concepts", "--vocabulary", "--quiet"],
-    "candidates": ["SOURCE", "--output str", "--hook [str]", "--no-standardize",
-                   "number of centroids (paper: 32000) (default: 32000)",
-                   "k-means iterations on the sample (default: 20)",
-                   "full Lloyd passes over every row (default: 0)", "rows read per chunk (default: 65536)",
-                   "--kmeans-init {auto,kmeans++,random}", "--quiet"],
-    "convert": ["SOURCE", "OUT_DIR", "--sae-id", "--format {auto,msae,overcomplete}", "--model [str]",
-                "checkpoint layout (default: auto)", "--hook [str]", "--sparsity", "--threshold", "--delta"],
-    "report": ["--output str", "--tiny", "--no-standardize", "latents of every SAE (default: 256)",
-               "k values of the TopK SAEs (default: [3, 6, 12, 24])", "learning rate (default: 0.003)",
-               "--data str", "(default: synthetic-hierarchical)", "--families", "--quiet"],
-    "synthetic": ["--kind {sparse,hierarchical}", "sparse codes or coarse-to-fine atoms (default: sparse)",
-                  "--output str", "--true-k", "latents of every SAE (default: 64)", "--quiet"],
-    "train-distributed": ["--cache str", "--rows int", "--hook [str]", "--sae KEY=VALUE", "--expansion [int]",
-                          "--batch-size int", "(default: 4096)", "learning rate (default: 0.0003)",
-                          "--checkpoint-path [str]", "--checkpoints int", "--resume [str]", "--output [str]",
-                          "SAE dtype (default: float32)", "--quiet"],
-}  # fmt: skip
+    "dashboard": [
+        "--sae PATH",
+        "--model [str]",
+        "--weights [str]",
+        "--dataset [str]",
+        "--output str",
+        "dataset split (default: train)",
+        "number of latent cards (default: 16)",
+        "top images per latent (default: 8)",
+        "use at most this many images (default: 1000)",
+        "how to pick the top latents (default: total)",
+        "images per forward pass (default: 32)",
+        "output folder (default: artifacts/dashboard)",
+        "--demo",
+        "--synthetic",
+        "--latents",
+        "--ks",
+        "--rank-by {total,frequency,max}",
+        "--name-concepts",
+        "--vocabulary",
+        "--quiet",
+    ],
+    "candidates": [
+        "SOURCE",
+        "--output str",
+        "--hook [str]",
+        "--no-standardize",
+        "number of centroids (paper: 32000) (default: 32000)",
+        "k-means iterations on the sample (default: 20)",
+        "full Lloyd passes over every row (default: 0)",
+        "rows read per chunk (default: 65536)",
+        "--kmeans-init {auto,kmeans++,random}",
+        "--quiet",
+    ],
+    "convert": [
+        "SOURCE",
+        "OUT_DIR",
+        "--sae-id",
+        "--format {auto,msae,overcomplete}",
+        "--model [str]",
+        "checkpoint layout (default: auto)",
+        "--hook [str]",
+        "--sparsity",
+        "--threshold",
+        "--delta",
+    ],
+    "report": [
+        "--output str",
+        "--tiny",
+        "--no-standardize",
+        "latents of every SAE (default: 256)",
+        "k values of the TopK SAEs (default: [3, 6, 12, 24])",
+        "learning rate (default: 0.003)",
+        "--data str",
+        "(default: synthetic-hierarchical)",
+        "--families",
+        "--quiet",
+    ],
+    "synthetic": [
+        "--kind {sparse,hierarchical}",
+        "sparse codes or coarse-to-fine atoms (default: sparse)",
+        "--output str",
+        "--true-k",
+        "latents of every SAE (default: 64)",
+        "--quiet",
+    ],
+    "train-distributed": [
+        "--cache str",
+        "--rows int",
+        "--hook [str]",
+        "--sae KEY=VALUE",
+        "--expansion [int]",
+        "--batch-size int",
+        "(default: 4096)",
+        "learning rate (default: 0.0003)",
+        "--checkpoint-path [str]",
+        "--checkpoints int",
+        "--resume [str]",
+        "--output [str]",
+        "SAE dtype (default: float32)",
+        "--quiet",
+    ],
+}
 
 # command -> (arguments with a mistake, a phrase of the one-line error)
 PARSE_MISTAKES = {
@@ -68,8 +132,14 @@ def test_help_lists_the_flags_with_their_defaults(command, capsys):
     assert f"usage: sae-vision {command}" in text and "examples:" in text
     missing = [snippet for snippet in HELP[command] if snippet not in text]
     assert not missing, f"not in `sae-vision {command} --help`: {missing}"
-    for old in ("--no-pretrained", "--images", "--activations", "--training-samples", "--sae-option",
-                "--checkpoint-dir"):  # the flags renamed into the one vocabulary
+    for old in (
+        "--no-pretrained",
+        "--images",
+        "--activations",
+        "--training-samples",
+        "--sae-option",
+        "--checkpoint-dir",
+    ):  # the flags renamed into the one vocabulary
         assert old not in text, old
 
 
@@ -102,10 +172,12 @@ def test_a_missing_file_is_one_line_and_exit_code_2(capsys, tmp_path):
         "dashboard": (["--sae", missing, "--synthetic", "4"], "not an SAE folder"),
         "candidates": ([missing + ".npy", "--output", str(tmp_path / "c.safetensors")], "no activation rows"),
         "convert": ([missing + ".pth", str(tmp_path / "out")], "checkpoint not found"),
-        "report": (["--output", str(tmp_path / "r"), "--data", missing + ".npy", "--quiet"],
-                   "no such activation source"),
+        "report": (
+            ["--output", str(tmp_path / "r"), "--data", missing + ".npy", "--quiet"],
+            "no such activation source",
+        ),
         "train-distributed": (["--cache", missing, "--rows", "64"], "no activation cache"),
-    }  # fmt: skip
+    }
     for command, (argv, phrase) in cases.items():
         assert phrase in _one_line_error(command, capsys, argv), command
     assert not (tmp_path / "out").exists()
@@ -128,10 +200,6 @@ def test_other_user_mistakes_are_one_line(capsys, tmp_path):
 
 def test_choices_mirror_the_library():
     """The commands list choices without importing the torch-importing library modules; they must agree."""
-    from sae_vision_ext.analysis.dashboard import RANKINGS
-    from sae_vision_ext.commands import dashboard
-    from sae_vision_ext.evals.compare import FAMILIES
-    from sae_vision_ext.evals.report_config import REPORT_FAMILIES
 
     assert dashboard.RANKINGS == RANKINGS
     assert set(REPORT_FAMILIES) == set(FAMILIES) - {"topk_centroids"}

@@ -1,6 +1,6 @@
-"""Pretrained weights are the default: ``sae-vision train`` and the quickstart request them from the Hub (a local
-server stands in for it), record which weights they used, and ``eval`` rebuilds exactly that model. Without the
-Hub the quickstart says it uses random weights, at the start and in the summary."""
+"""Pretrained weights are the default: ``sae-vision train`` and the quickstart request them from the Hub (a
+local server stands in for it), record which weights they used, and ``eval`` rebuilds exactly that model.
+Without the Hub the quickstart says it uses random weights, at the start and in the summary."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fake_hub import serve_random_weights
 from vision_training_helpers import synthetic_images
 
 from sae_vision_ext.cli import main as cli_main
-from sae_vision_ext.vision.load import load_model_for_sae, load_vision_model
+from sae_vision_ext.vision.load import load_model_for_sae, load_vision_model, weights_record
 
 DINO = "timm:vit_small_patch14_reg4_dinov2.lvd142m"
 HOOK = "blocks.1.hook_resid_post"
@@ -28,15 +28,26 @@ def photos(tmp_path):
     return folder
 
 
-def test_train_downloads_pretrained_weights_by_default_and_eval_rebuilds_them(fake_hub, photos, tmp_path, capsys):
+def test_train_downloads_pretrained_weights_by_default_and_eval_rebuilds_them(
+    fake_hub, photos, tmp_path, capsys
+):
     served = serve_random_weights(fake_hub, DINO, seed=11)
     out = tmp_path / "sae"
-    assert cli_main(["train", "--model", DINO, "--img-size", "28", "--hook", HOOK, "--tokens", "patches",
-                     "--dataset", str(photos), "--workers", "0", "--augment", "crop_flip", "--holdout", "2",
-                     "--n-eval-images", "4", "--architecture", "topk", "--sae", "k=8", "--expansion", "1",
-                     "--rows", "64", "--batch-size", "16", "--buffer-size-rows", "64", "--model-batch-size", "4",
-                     "--output", str(out), "--quiet"]) == 0  # fmt: skip
-    assert (served.repo_id, served.filename) in fake_hub.downloaded()  # no flag needed to get the real weights
+    assert (
+        cli_main(
+            (
+                f"train --model {DINO} --img-size 28 --hook {HOOK} --tokens patches --dataset {photos} "
+                "--workers 0 --augment crop_flip --holdout 2 --n-eval-images 4 --architecture topk "
+                "--sae k=8 --expansion 1 --rows 64 --batch-size 16 --buffer-size-rows 64 "
+                f"--model-batch-size 4 --output {out} --quiet"
+            ).split()
+        )
+        == 0
+    )
+    assert (
+        served.repo_id,
+        served.filename,
+    ) in fake_hub.downloaded()  # no flag needed to get the real weights
     captured = capsys.readouterr()
     assert "pretrained weights (lvd142m)" in captured.err and BANNER not in captured.out
     meta = json.loads((out / "cfg.json").read_text())["metadata"]
@@ -54,15 +65,21 @@ def test_train_downloads_pretrained_weights_by_default_and_eval_rebuilds_them(fa
 
 def test_quickstart_downloads_pretrained_weights_by_default(fake_hub, tmp_path, capsys):
     served = serve_random_weights(fake_hub, DINO, seed=2)
-    assert cli_main(["quickstart", "--tiny", "--rows", "512", "--output", str(tmp_path / "qs"), "--quiet"]) == 0
+    assert (
+        cli_main(["quickstart", "--tiny", "--rows", "512", "--output", str(tmp_path / "qs"), "--quiet"]) == 0
+    )
     assert (served.repo_id, served.filename) in fake_hub.downloaded()
     out = capsys.readouterr().out
     assert BANNER not in out and "pretrained weights (lvd142m)" in out
 
 
-def test_offline_quickstart_says_random_weights_at_the_start_and_in_the_summary(tmp_path, capsys, monkeypatch):
+def test_offline_quickstart_says_random_weights_at_the_start_and_in_the_summary(
+    tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert cli_main(["quickstart", "--tiny", "--rows", "512", "--output", str(tmp_path / "qs"), "--quiet"]) == 0
+    assert (
+        cli_main(["quickstart", "--tiny", "--rows", "512", "--output", str(tmp_path / "qs"), "--quiet"]) == 0
+    )
     out = capsys.readouterr().out
     assert out.count(BANNER) == 2
     assert out.index(BANNER) < out.index("SAE: matryoshka_topk") < out.rindex(BANNER)  # first and last word
@@ -76,13 +93,17 @@ def test_a_weights_file_is_recorded_with_its_hash_and_checked_when_rebuilt(tmp_p
     model, _ = load_vision_model("timm:vit_tiny_patch16_224", pretrained=False, img_size=32)
     path = tmp_path / "tiny.pth"
     torch.save(model.model.state_dict(), path)
-    from sae_vision_ext.vision.load import weights_record
 
-    meta = {"model_name": "timm:vit_tiny_patch16_224", "image_size": [32, 32],
-            "weights": weights_record("timm:vit_tiny_patch16_224", weights=path)}  # fmt: skip
+    meta = {
+        "model_name": "timm:vit_tiny_patch16_224",
+        "image_size": [32, 32],
+        "weights": weights_record("timm:vit_tiny_patch16_224", weights=path),
+    }
     said: list[str] = []
     rebuilt, _, _ = load_model_for_sae(meta, say=said.append)
-    assert not said and torch.equal(rebuilt.model.patch_embed.proj.weight, model.model.patch_embed.proj.weight)
+    assert not said and torch.equal(
+        rebuilt.model.patch_embed.proj.weight, model.model.patch_embed.proj.weight
+    )
 
     changed = dict(model.model.state_dict())
     changed["cls_token"] = changed["cls_token"] + 1

@@ -1,4 +1,5 @@
-"""The README's main command: ``python -m sae_vision_ext.quickstart`` (run tiny here; the default is the real one)."""
+"""The README's main command: ``python -m sae_vision_ext.quickstart`` (run tiny here; the default is the real
+one)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,10 @@ import json
 
 import pytest
 
-pytest.importorskip("skimage")
+from sae_vision_ext.quickstart import main
 
 
 def test_quickstart_help(capsys):
-    from sae_vision_ext.quickstart import main
-
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
@@ -20,8 +19,6 @@ def test_quickstart_help(capsys):
 
 
 def test_quickstart_tiny_trains_an_msae_and_prints_metrics(tmp_path, capsys):
-    from sae_vision_ext.quickstart import main
-
     out = tmp_path / "quickstart"
     assert main(["--tiny", "--quiet", "--output", str(out)]) == 0
     stdout = capsys.readouterr().out

@@ -9,7 +9,9 @@ def test_load_rows_from_files(tmp_path):
     x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)  # [batch, tokens, d] -> 6 rows
     torch.save({"activations": x, "labels": torch.zeros(2)}, tmp_path / "acts.pt")
     rows = load_rows(str(tmp_path / "acts.pt"))
-    assert rows.x.shape == (6, 4) and torch.equal(rows.x[1], x[0, 1]) and "torch tensor file" in rows.description
+    assert (
+        rows.x.shape == (6, 4) and torch.equal(rows.x[1], x[0, 1]) and "torch tensor file" in rows.description
+    )
     assert load_rows(str(tmp_path / "acts.pt"), key="labels").x.shape == (1, 2)
     np.save(tmp_path / "acts.npy", x.reshape(6, 4).numpy())
     rows = load_rows(str(tmp_path / "acts.npy"), max_rows=4)

@@ -61,7 +61,8 @@ def test_dead_latents_threshold_and_never_fired():
 
 
 class MaskSAE(torch.nn.Module):
-    """z = x with the last coordinate dropped (plus a zero latent); decode pads back. No parameters learned."""
+    """z = x with the last coordinate dropped (plus a zero latent); decode pads back. No parameters
+    learned."""
 
     def __init__(self):
         super().__init__()

@@ -167,3 +167,30 @@ def test_evaluate_all_on_an_exact_sae():
     assert metrics["downstream_kl"] == pytest.approx(0.0, abs=1e-9) and metrics["downstream_agreement"] == 1.0
     half = evaluate_all(ShrinkSAE(0.5), x, head=probe, cknna_rows=50, dictionary=False)
     assert half["fvu"] == pytest.approx(fvu(x, 0.5 * x)) and half["cknna"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_linear_probe_is_scikit_learns_logistic_regression(n_classes):
+    """The probe's probabilities are scikit-learn's on the standardised rows (two classes included, where
+    scikit-learn keeps one row of weights), and its penalty is ``l2 * ||W||^2`` on the mean loss."""
+    from sklearn.linear_model import LogisticRegression
+
+    torch.manual_seed(1)
+    labels = torch.arange(400) % n_classes
+    centres = torch.randn(n_classes, 5)
+    x = (centres[labels] + torch.randn(400, 5)) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0]) + 4.0
+    probe = fit_linear_probe(x, labels, l2=1e-3)
+    standardised = ((x - x.mean(0)) / x.std(0)).double().numpy()
+    reference = LogisticRegression(C=1 / (2 * 1e-3 * 400), max_iter=500).fit(standardised, labels.numpy())
+    expected = torch.as_tensor(reference.predict_proba(standardised), dtype=torch.float32)
+    assert probe.predict_proba(x).shape == (400, n_classes)
+    assert torch.allclose(probe.predict_proba(x), expected, atol=1e-4)
+    assert torch.allclose(probe(x).softmax(dim=-1), expected, atol=1e-4)  # forward gives the logits
+    assert not any(p.requires_grad for p in probe.parameters())
+
+
+def test_linear_probe_keeps_classes_missing_from_the_labels():
+    x = torch.randn(60, 3)
+    probe = fit_linear_probe(x, (x[:, 0] > 0).long() * 2, n_classes=4)  # classes 0 and 2 only
+    probabilities = probe.predict_proba(x)
+    assert probabilities.shape == (60, 4) and float(probabilities[:, [1, 3]].max()) < 1e-6

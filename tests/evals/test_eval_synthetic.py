@@ -41,7 +41,9 @@ def test_identifiability_of_perfect_and_random_dictionaries():
     assert identifiability(permuted, data.atoms) == pytest.approx(1.0, abs=1e-6)
     extra = torch.cat([torch.randn(8, 16), permuted])  # more learned atoms than true ones
     assert identifiability(extra, data.atoms) == pytest.approx(1.0, abs=1e-6)
-    random_atoms = torch.nn.functional.normalize(torch.randn(24, 16, generator=torch.Generator().manual_seed(5)))
+    random_atoms = torch.nn.functional.normalize(
+        torch.randn(24, 16, generator=torch.Generator().manual_seed(5))
+    )
     assert identifiability(random_atoms, data.atoms) < 0.5
     # a negated dictionary is not identified unless sign flips are allowed
     assert identifiability(-permuted, data.atoms) < 0.5
@@ -53,8 +55,21 @@ def test_identifiability_of_perfect_and_random_dictionaries():
 def test_synthetic_command_config_sizes_follow_the_ground_truth(tmp_path):
     from sae_vision_ext.commands.synthetic import synthetic_config
 
-    cfg, _ = synthetic_config(["--kind", "hierarchical", "--output", str(tmp_path), "--tiny",
-                               "--n-coarse", "5", "--n-fine", "3", "--true-k", "2"])  # fmt: skip
+    cfg, _ = synthetic_config(
+        [
+            "--kind",
+            "hierarchical",
+            "--output",
+            str(tmp_path),
+            "--tiny",
+            "--n-coarse",
+            "5",
+            "--n-fine",
+            "3",
+            "--true-k",
+            "2",
+        ]
+    )
     assert cfg.data == "synthetic-hierarchical" and cfg.d_sae == 5 * (1 + 3)
     assert cfg.synthetic_kwargs["k_coarse"] == 2 and cfg.k == 4 and cfg.topk_ks == [2, 4, 8]
     assert cfg.stability is False and cfg.n_candidates >= 4 * cfg.d_sae
@@ -81,8 +96,26 @@ def test_synthetic_command_reports_identifiability_against_baselines(tmp_path):
 
     from sae_vision_ext.commands.synthetic import main
 
-    assert main(["--kind", "sparse", "--output", str(tmp_path), "--tiny", "--families", "topk", "ra_sae",
-                 "--topk-ks", "2", "--n-train-rows", "6144", "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--kind",
+                "sparse",
+                "--output",
+                str(tmp_path),
+                "--tiny",
+                "--families",
+                "topk",
+                "ra_sae",
+                "--topk-ks",
+                "2",
+                "--n-train-rows",
+                "6144",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     payload = json.loads((tmp_path / "results.json").read_text())
     ident = {row["method"]: row["identifiability"] for row in payload["identifiability"]}
     assert ident["true atoms, permuted (baseline)"] == pytest.approx(1.0, abs=1e-6)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sae_vision_ext.commands.report import report_config
-from sae_vision_ext.evals.report import ReportConfig, markdown_table, run_report
+from sae_vision_ext.evals.report import ReportConfig, run_report
+from sae_vision_ext.evals.report_markdown import markdown_table
 
 
 def test_markdown_table_formats_values():
@@ -13,8 +14,23 @@ def test_markdown_table_formats_values():
 
 
 def test_cli_arguments_override_the_tiny_preset(tmp_path):
-    cfg, options = report_config(["--output", str(tmp_path), "--tiny", "--topk-ks", "2", "3", "--k", "3",
-                                  "--stability-seeds", "0", "--families", "topk", "relu"])  # fmt: skip
+    cfg, options = report_config(
+        [
+            "--output",
+            str(tmp_path),
+            "--tiny",
+            "--topk-ks",
+            "2",
+            "3",
+            "--k",
+            "3",
+            "--stability-seeds",
+            "0",
+            "--families",
+            "topk",
+            "relu",
+        ]
+    )
     assert options.tiny and cfg.out == str(tmp_path)
     assert cfg.topk_ks == [2, 3] and cfg.k == 3 and cfg.families == ["topk", "relu"]
     assert cfg.stability is False and cfg.d_sae == ReportConfig.tiny().d_sae
@@ -43,8 +59,18 @@ def test_tiny_report_runs_end_to_end(tiny_report):
     assert "synthetic hierarchical" in text and payload["data"]["n_train"] + payload["data"]["n_test"] == 2048
     assert payload["data"]["preprocessing"]["standardize"] is True
     names = {w["name"] for w in payload["weights"]}
-    assert {"topk_k2", "topk_k4", "topk_k8", "batchtopk_k4", "relu", "msae_uw", "msae_rw", "a_sae_k4",
-            "ra_sae_k4", "topk_centroids_k4"} <= names  # fmt: skip
+    assert {
+        "topk_k2",
+        "topk_k4",
+        "topk_k8",
+        "batchtopk_k4",
+        "relu",
+        "msae_uw",
+        "msae_rw",
+        "a_sae_k4",
+        "ra_sae_k4",
+        "topk_centroids_k4",
+    } <= names
     for weights in payload["weights"]:
         assert (out / "saes" / weights["name"] / "cfg.json").exists()
         assert weights["folder"] in text
@@ -79,8 +105,8 @@ def test_tiny_report_stability_protocols(tiny_report):
     assert len(stability) == 5
     for row in stability.values():
         assert len(row["runs"]) == 2 and len(set(row["runs"])) == 2 and 0.0 < row["stability"] <= 1.0 + 1e-9
-    # the paper protocol starts every run at the SAME dictionary, so after a short run it is far more stable than
-    # independently initialised TopK: the inflation the fair protocol removes
+    # the paper protocol starts every run at the SAME dictionary, so after a short run it is far more stable
+    # than independently initialised TopK: the inflation the fair protocol removes
     shared = stability["TopK from one shared set of centroids (control)"]["stability"]
     assert shared > stability["TopK, random init, init seed varies"]["stability"]
     fair = stability["RA-SAE, k-means seed varies (fair)"]["runs"]

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
+from helpers import load_script, run_example
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "capture.py"
+SCRIPT = "examples/capture.py"
 
 
 def run(*args, timeout=600):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return run_example(SCRIPT, *args, timeout=timeout)
 
 
 def test_help_has_examples():
@@ -32,19 +26,33 @@ def test_capture_default_dinov2_reg4_on_photos():
         assert "note: no pretrained weights for timm:vit_base_patch14_reg4_dinov2.lvd142m" in out
     assert "1 CLS + 4 registers + 16 patches (grid 4x4) = 21 tokens" in out
     assert "astronaut, coffee, chelsea" in out
-    shapes = {line.split()[0]: line.split("]")[0].split("[")[1] for line in out.splitlines()
-              if line.startswith("  ")}
+    shapes = {
+        line.split()[0]: line.split("]")[0].split("[")[1]
+        for line in out.splitlines()
+        if line.startswith("  ")
+    }
     assert shapes["blocks.11.hook_resid_post"] == "3, 21, 768" and shapes["hook_pooled"] == "3, 768"
     assert "registers=[3, 4, 768]" in out and "hook_pooled" in out
 
 
 def test_capture_open_clip_with_chosen_hooks_and_stop(capsys):
     # in-process (the subprocess run above covers start-up): an open_clip model, chosen hooks, early stop
-    spec = importlib.util.spec_from_file_location("capture_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    code = module.main(["--model", "open_clip:ViT-B-32/laion2b_s34b_b79k", "--random-init", "--img-size", "64",
-                        "--n-images", "2", "--hooks", "hook_embed,blocks.2.hook_mlp_out", "--stop-at-layer", "3"])
+    module = load_script(SCRIPT)
+    code = module.main(
+        [
+            "--model",
+            "open_clip:ViT-B-32/laion2b_s34b_b79k",
+            "--random-init",
+            "--img-size",
+            "64",
+            "--n-images",
+            "2",
+            "--hooks",
+            "hook_embed,blocks.2.hook_mlp_out",
+            "--stop-at-layer",
+            "3",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     lines = [line.split() for line in out.splitlines() if line.startswith("  ")]

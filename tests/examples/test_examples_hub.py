@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
+from helpers import load_script, run_example
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "load_from_hub.py"
+SCRIPT = "examples/load_from_hub.py"
 
 
 def run(*args, timeout=600):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_example(SCRIPT, *args, timeout=timeout)
 
 
 def test_help_and_list(capsys):
     result = run("--help")
     assert result.returncode == 0 and "examples:" in result.stdout and "--tiny" in result.stdout
-    spec = importlib.util.spec_from_file_location("load_from_hub", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT)
     assert module.main(["--list"]) == 0
     out = capsys.readouterr().out
     assert (
@@ -60,3 +47,15 @@ def test_tiny_loads_by_release_name_from_the_local_cache(tmp_path):
     assert "astronaut" in out and "top latents" in out
     assert list(cache.glob("models--WolodjaZ--MSAE/snapshots/*/ViT-B_16/centered/*_RW_*.pth"))
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    # the test reads the checkpoint the example converted and the SAE it saved: same atoms, same directions
+    import torch
+    from sae_lens import SAE
+
+    import sae_vision_ext  # noqa: F401  (registers matryoshka_topk)
+
+    [pth] = cache.glob("models--WolodjaZ--MSAE/snapshots/*/ViT-B_16/centered/*_RW_*.pth")
+    decoder = torch.load(pth, weights_only=False)["model"]["decoder"].float()
+    saved = SAE.load_from_disk(tmp_path / "saved")
+    assert saved.W_dec.shape == decoder.shape == (4096, 512)
+    cosines = torch.nn.functional.cosine_similarity(saved.W_dec.detach().float(), decoder, dim=-1)
+    assert cosines.min() > 0.999

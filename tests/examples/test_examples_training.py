@@ -19,14 +19,12 @@ def run_example(name: str, argv: list[str], monkeypatch) -> None:
 
 
 def test_train_vision_sae_example(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("skimage")
     run_example("train_vision_sae.py", ["--tiny", "--output", str(tmp_path / "sae")], monkeypatch)
     out = capsys.readouterr().out
     assert "FVU" in out and "loaded MatryoshkaTopKSAE" in out and "k=8" in out
 
 
 def test_cache_activations_example(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("skimage")
     run_example("cache_activations.py", ["--tiny", "--output", str(tmp_path)], monkeypatch)
     out = capsys.readouterr().out
     assert "192 rows x {'blocks.1.hook_resid_post': 192}" in out  # 48 views x 4 patches

@@ -1,4 +1,5 @@
-"""Pretrained weights come from the Hugging Face Hub: a local server stands in for it (``fake_hub``, HF_ENDPOINT).
+"""Pretrained weights come from the Hugging Face Hub: a local server stands in for it (``fake_hub``,
+HF_ENDPOINT).
 
 The served weights are a seeded random init of the real architecture; equality after loading proves that the
 loader asked the hub (at ``HF_ENDPOINT``) for them and loaded what it got.
@@ -46,7 +47,10 @@ def test_fake_hub_answers_like_the_hub(fake_hub, tmp_path):
     with pytest.raises(RepositoryNotFoundError):
         hf_hub_download("org/nothing", "config.json")
 
-    assert sorted(s.rfilename for s in model_info("org/repo").siblings) == ["config.json", "sub/w.safetensors"]
+    assert sorted(s.rfilename for s in model_info("org/repo").siblings) == [
+        "config.json",
+        "sub/w.safetensors",
+    ]
     folder = snapshot_download("org/repo", cache_dir=tmp_path / "snapshots")
     assert open(f"{folder}/sub/w.safetensors", "rb").read() == b"\x00" * 1000
 
@@ -56,14 +60,19 @@ def test_fake_hub_reaches_subprocesses(fake_hub, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     fake_hub.serve("org/repo", "config.json", tmp_path / "config.json")
     code = "from huggingface_hub import hf_hub_download; print(hf_hub_download('org/repo', 'config.json'))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip().startswith(str(tmp_path / "hf-home" / "hub"))
     assert fake_hub.downloaded() == [("org/repo", "config.json")]
 
 
 def test_timm_pretrained_weights_are_downloaded_from_the_hub(fake_hub):
     served = serve_random_weights(fake_hub, REG_MODEL, seed=1)
-    assert (served.repo_id, served.filename) == ("timm/vit_small_patch14_reg4_dinov2.lvd142m", "model.safetensors")
+    assert (served.repo_id, served.filename) == (
+        "timm/vit_small_patch14_reg4_dinov2.lvd142m",
+        "model.safetensors",
+    )
 
     model, _ = load_vision_model(REG_MODEL, pretrained=True, img_size=56)
 
@@ -79,8 +88,10 @@ def test_timm_pretrained_weights_are_downloaded_from_the_hub(fake_hub):
 
 def _check_open_clip_download(fake_hub, **library_kwargs):
     served = serve_random_weights(fake_hub, CLIP_MODEL, seed=2, **library_kwargs)
-    assert (served.repo_id, served.filename) == ("laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
-                                                 "open_clip_model.safetensors")
+    assert (served.repo_id, served.filename) == (
+        "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+        "open_clip_model.safetensors",
+    )
 
     model, _ = load_vision_model(CLIP_MODEL, pretrained=True, **library_kwargs)
 

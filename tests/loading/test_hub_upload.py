@@ -5,13 +5,12 @@ import torch
 from huggingface_hub import hf_hub_download, scan_cache_dir
 
 import sae_vision_ext  # noqa: F401  (registers the plugin's architectures)
+from sae_vision_ext.loading import hub
 from sae_vision_ext.loading.hub import model_card, push_to_hub, save_hub_folder
 from sae_vision_ext.loading.hub_cache import seed_hf_cache
 from sae_vision_ext.saes.archetypal import RASAE, RASAEConfig
 
 REPO = "someone/vision-saes"
-
-
 
 
 def _ra_sae(d_in=8, d_sae=24, seed=0):
@@ -131,6 +130,7 @@ def test_push_to_hub_reuses_saelens_uploader_then_uploads_the_card(monkeypatch):
     _FakeApi.calls = []
     monkeypatch.setattr(saelens_upload, "HfApi", _FakeApi)
     monkeypatch.setattr(huggingface_hub, "HfApi", _FakeApi)
+    monkeypatch.setattr(hub, "HfApi", _FakeApi)
     monkeypatch.setattr(saelens_upload, "create_repo", lambda *a, **k: pytest.fail("repo exists"))
     push_to_hub(
         {"blocks.7.hook_resid_post": _ra_sae()}, REPO, metrics={"blocks.7.hook_resid_post": {"fvu": 0.2}}

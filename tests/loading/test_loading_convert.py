@@ -1,4 +1,4 @@
-"""``sae-vision convert``: foreign checkpoint -> SAELens folder (safetensors), loadable with load_from_disk."""
+"""``sae-vision convert``: foreign checkpoint -> SAELens folder (safetensors), loads with load_from_disk."""
 
 import os
 import re
@@ -7,9 +7,10 @@ import pytest
 import torch
 from test_loading_msae import L14, REPO, authors_checkpoint, authors_forward
 
+from sae_vision_ext.commands import convert as convert_command
 from sae_vision_ext.commands.convert import main
 from sae_vision_ext.loading import register_releases
-from sae_vision_ext.loading.convert import convert_checkpoint
+from sae_vision_ext.loading.convert import FORMATS, convert_checkpoint
 from sae_vision_ext.loading.hub_cache import seed_hf_cache
 from sae_vision_ext.loading.safe_load import UnsafeCheckpointError
 
@@ -26,8 +27,6 @@ def fails(capsys, *argv) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("sae-vision convert: error:"), err
     return err
-
-
 
 
 def _load(folder):
@@ -131,3 +130,7 @@ def test_help_has_an_example(capsys):
         cli("--help")
     out = capsys.readouterr().out
     assert "sae-vision convert msae-clip-vit-l-14 out/msae-l14 --sae-id centered" in out
+
+
+def test_the_command_offers_exactly_the_formats_the_converter_reads():
+    assert convert_command.FORMATS == FORMATS  # spelled out in the command so that --help stays instant

@@ -63,8 +63,6 @@ def authors_forward(ckpt, x, k=None):
     return z, (z @ m["decoder"] + m["pre_bias"]) / s + mu
 
 
-
-
 @pytest.fixture
 def release(tmp_path, hf_cache):
     """The three published SAEs the tests use, written into the local cache; returns their checkpoints."""

@@ -1,7 +1,8 @@
-"""Issue 14: ``sae-vision cache`` on unreadable images, with a shard size it must adjust, and under SIGTERM / SIGINT.
+"""Issue 14: ``sae-vision cache`` on unreadable images, with a shard size it must adjust, and under SIGTERM /
+SIGINT.
 
-An empty result is a one-line error that leaves nothing behind; the shard-size adjustment is said; a signal ends
-the command with one line and exit code 143 / 130, and the same command then resumes the cache.
+An empty result is a one-line error that leaves nothing behind; the shard-size adjustment is said; a signal
+ends the command with one line and exit code 143 / 130, and the same command then resumes the cache.
 """
 
 from __future__ import annotations
@@ -17,16 +18,21 @@ import numpy as np
 import pytest
 from vision_training_helpers import TINY_MODEL, synthetic_images
 
-from sae_vision_ext.activations.cache import INCOMPLETE_SUFFIX, CachedActivations
+from sae_vision_ext.activations.cache import INCOMPLETE_SUFFIX, ActivationCacheWriter, CachedActivations
 from sae_vision_ext.cli import main as cli_main
 
 HOOK = "blocks.1.hook_resid_post"
 
 
 def cache_argv(dataset: Path, out: Path, images: int, *extra: str) -> list[str]:
-    return ["cache", "--model", TINY_MODEL, "--random-init", "--img-size", "32", "--hook", HOOK, "--tokens", "all",
-            "--dataset", str(dataset), "--workers", "0", "--model-batch-size", "4", "--seed", "3", "--quiet",
-            "--augment", "crop_flip", "--images", str(images), "--output", str(out), *extra]  # fmt: skip
+    return [
+        *(
+            f"cache --model {TINY_MODEL} --random-init --img-size 32 --hook {HOOK} --tokens all "
+            f"--dataset {dataset} --workers 0 --model-batch-size 4 --seed 3 --quiet --augment "
+            f"crop_flip --images {images} --output {out}"
+        ).split(),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +43,10 @@ def photos(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize(("n_files", "expected"), [(16, "all 16 image files are unreadable"),
-                                                   (40, "the 32 image files tried (of 40) are unreadable")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("n_files", "expected"),
+    [(16, "all 16 image files are unreadable"), (40, "the 32 image files tried (of 40) are unreadable")],
+)
 def test_a_folder_of_unreadable_files_is_an_error_not_an_empty_cache(tmp_path, capsys, n_files, expected):
     folder = tmp_path / "broken"
     folder.mkdir()
@@ -88,11 +96,13 @@ def _not_handled(signum, frame):
     raise SignalNotHandled(f"signal {signum} reached the test: the command did not handle it")
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["TERM", "INT"])
-def test_a_signal_ends_the_cache_with_one_line_and_the_rerun_resumes(tmp_path, photos, reference, capsys,
-                                                                     monkeypatch, signum, code):  # fmt: skip
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["TERM", "INT"]
+)
+def test_a_signal_ends_the_cache_with_one_line_and_the_rerun_resumes(
+    tmp_path, photos, reference, capsys, monkeypatch, signum, code
+):
     """In process: the signal arrives right after the first shard is written."""
-    from sae_vision_ext.activations.cache import ActivationCacheWriter
 
     original = ActivationCacheWriter.write_shard
 
@@ -106,12 +116,16 @@ def test_a_signal_ends_the_cache_with_one_line_and_the_rerun_resumes(tmp_path, p
     argv = cache_argv(photos, out, N_MANY, "--shard-images", "8")
     monkeypatch.setattr(ActivationCacheWriter, "write_shard", write_then_signal)
     previous = signal.signal(signal.SIGTERM, _not_handled)  # the command's own handler must take over
+    # Python's own SIGINT handler, as in a fresh process: SAELens's LanguageModelSAETrainingRunner (run by an
+    # earlier test) installs its own SIGINT / SIGTERM handlers and leaves them in place
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         rc = cli_main(argv)
     except KeyboardInterrupt as interrupt:  # not a test-session interrupt: the command let it escape
         pytest.fail(f"the command let {interrupt!r} escape")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     check_interrupted(rc, capsys.readouterr().err, out, signum, code)
     assert signal.getsignal(signal.SIGTERM) is previous  # restored
 
@@ -126,8 +140,12 @@ def test_sigterm_of_a_real_process(tmp_path, photos, reference):
     out = tmp_path / "cache"
     argv = cache_argv(photos, out, N_MANY, "--shard-images", "8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "sae_vision_ext.cli", *argv], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sae_vision_ext.cli", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     first_shard = out.with_name(out.name + INCOMPLETE_SUFFIX) / "data-00000.arrow"
     deadline = time.monotonic() + 120
     while not first_shard.exists() and process.poll() is None and time.monotonic() < deadline:

@@ -1,5 +1,5 @@
-"""A truncated cache shard is an error naming the file and the way out, not a bare pyarrow traceback; a negative
-evaluation count is refused (issue 14)."""
+"""A truncated cache shard is an error naming the file and the way out, not a bare pyarrow traceback; a
+negative evaluation count is refused (issue 14)."""
 
 from __future__ import annotations
 

@@ -30,7 +30,9 @@ N_IMAGES, PER_SHARD, CONTEXT, WIDTH = 10, 4, 2, 3  # shards of 4, 4, 2 images
 
 
 def fake_writer(path: Path, overwrite: bool = False, **settings) -> ActivationCacheWriter:
-    return ActivationCacheWriter(path, N_IMAGES, PER_SHARD, {**SETTINGS, **settings}, seed=1, overwrite=overwrite)
+    return ActivationCacheWriter(
+        path, N_IMAGES, PER_SHARD, {**SETTINGS, **settings}, seed=1, overwrite=overwrite
+    )
 
 
 def write_shard(writer: ActivationCacheWriter, index: int) -> None:
@@ -116,7 +118,7 @@ def test_an_empty_folder_is_written_into(tmp_path, reference):
     assert np.array_equal(rows(write_cache(tmp_path / "out").path), reference)
 
 
-# ----------------------------------------------------------------------------------------------- interrupted states
+# ----------------------------------------------------------------------------------------------- interrupted
 
 
 def killed_after_mkdir(path: Path) -> None:
@@ -167,8 +169,15 @@ def overwrite_half_done(path: Path) -> None:
     os.rename(path, path.with_name(f".{path.name}.old-99999"))
 
 
-STATES = [killed_after_mkdir, settings_but_no_shard, some_shards, all_shards_no_commit, commit_files_written,
-          commit_half_done_by_the_old_writer, overwrite_half_done]  # fmt: skip
+STATES = [
+    killed_after_mkdir,
+    settings_but_no_shard,
+    some_shards,
+    all_shards_no_commit,
+    commit_files_written,
+    commit_half_done_by_the_old_writer,
+    overwrite_half_done,
+]
 
 
 @pytest.mark.parametrize("state", STATES, ids=[s.__name__ for s in STATES])
@@ -230,9 +239,13 @@ def test_sigkill_then_rerun_finishes_the_cache(tmp_path, reference, moment):
 
 
 def test_a_cache_reads_in_a_fresh_process(tmp_path, reference):
-    """The reader registers the Arrow ``Array2D`` type itself (it failed when ``datasets`` was not imported)."""
+    """The reader registers the Arrow ``Array2D`` type itself (it failed when ``datasets`` was not
+    imported)."""
     path = write_cache(tmp_path / "out").path
-    code = "import sys; from sae_vision_ext.activations.cache import CachedActivations as C; print(C(sys.argv[1]).n_rows)"
+    code = (
+        "import sys; from sae_vision_ext.activations.cache import CachedActivations as C; "
+        "print(C(sys.argv[1]).n_rows)"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert done.stdout.decode().strip() == str(len(reference))

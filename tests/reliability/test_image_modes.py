@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from vision_training_helpers import shared_tiny
 
 from sae_vision_ext.activations.images import ListImages, to_rgb_image
+from sae_vision_ext.activations.source import ImageActivationSource
 
 RNG = np.random.default_rng(0)
 H, W = 5, 7
@@ -63,7 +65,9 @@ def test_float_tiff_in_0_1_is_scaled_by_255():
 
 def test_float_ranges_other_than_0_1():
     in_255 = (RNG.random((H, W)) * 200 + 20).astype(np.float32)  # [0, 255]: kept, rounded
-    assert np.array_equal(rgb(to_rgb_image(Image.fromarray(in_255))), gray3(np.rint(in_255.astype(np.float64))))
+    assert np.array_equal(
+        rgb(to_rgb_image(Image.fromarray(in_255))), gray3(np.rint(in_255.astype(np.float64)))
+    )
     wide = (RNG.random((H, W)) * 4000 - 1000).astype(np.float32)  # any other range: min-max to [0, 255]
     lo, hi = float(wide.min()), float(wide.max())
     expected = gray3(np.rint((wide.astype(np.float64) - lo) * (255 / (hi - lo))))
@@ -141,19 +145,20 @@ def test_float_arrays_and_tensors_of_every_dtype(dtype):
 
 
 def test_bfloat16_tensor_and_a_whole_pipeline_of_float64_images():
-    from vision_training_helpers import shared_tiny
-
-    from sae_vision_ext.activations.source import ImageActivationSource
-
     values = torch.rand(3, H, W, dtype=torch.bfloat16)
     expected = np.rint(values.float().permute(1, 2, 0).numpy().astype(np.float64) * 255)
     assert np.array_equal(rgb(to_rgb_image(values)), expected)
 
     model, preprocess = shared_tiny()
-    images = [torch.rand(3, 40, 48, dtype=torch.float64), np.random.default_rng(1).random((40, 48, 3)),
-              torch.rand(40, 48, 3, dtype=torch.float16), values]  # fmt: skip
-    source = ImageActivationSource(model, preprocess, images, "blocks.1.hook_resid_post", "patches",
-                                   model_batch_size=4)  # fmt: skip
+    images = [
+        torch.rand(3, 40, 48, dtype=torch.float64),
+        np.random.default_rng(1).random((40, 48, 3)),
+        torch.rand(40, 48, 3, dtype=torch.float16),
+        values,
+    ]
+    source = ImageActivationSource(
+        model, preprocess, images, "blocks.1.hook_resid_post", "patches", model_batch_size=4
+    )
     chunk = next(source.iter_chunks(0, 4))
     assert chunk.n_images_ok == 4 and chunk.n_images_failed == 0, source.failures
     assert chunk.rows["blocks.1.hook_resid_post"].dtype == torch.float32

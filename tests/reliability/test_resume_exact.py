@@ -7,10 +7,12 @@ import os
 import signal
 
 import pytest
+import sae_lens.training.sae_trainer as trainer_module
 import torch
 from vision_training_helpers import shared_tiny, synthetic_images, tiny_config
 
 import sae_vision_ext  # noqa: F401  (registers the plugin's architectures)
+from sae_vision_ext.training.candidates import Candidates
 from sae_vision_ext.training.runner import VisionSAETrainingRunner
 
 ROWS = 64 * 12
@@ -20,9 +22,14 @@ def sae_section(name: str, tmp_path) -> dict:
     if name == "topk":
         return {"architecture": "topk", "d_in": 192, "d_sae": 384, "k": 8}
     if name == "matryoshka_topk":
-        return {"architecture": "matryoshka_topk", "d_in": 192, "d_sae": 384, "k_levels": [8, 64, 384],
-                "level_weighting": "reverse", "standardize_input": True}  # fmt: skip
-    from sae_vision_ext.training.candidates import Candidates
+        return {
+            "architecture": "matryoshka_topk",
+            "d_in": 192,
+            "d_sae": 384,
+            "k_levels": [8, 64, 384],
+            "level_weighting": "reverse",
+            "standardize_input": True,
+        }
 
     path = tmp_path / "candidates.safetensors"
     if not path.exists():
@@ -32,14 +39,14 @@ def sae_section(name: str, tmp_path) -> dict:
 
 def train(cfg):
     model, preprocess = shared_tiny(cfg.seed)
-    runner = VisionSAETrainingRunner(cfg, images=synthetic_images(), model=model, preprocess=preprocess,
-                                     say=lambda m: None)  # fmt: skip
+    runner = VisionSAETrainingRunner(
+        cfg, images=synthetic_images(), model=model, preprocess=preprocess, say=lambda m: None
+    )
     return runner.run()
 
 
 def interrupt_at_step(monkeypatch, step: int) -> None:
     """SIGTERM during step ``step`` (1-based): the runner finishes it, writes a checkpoint and returns."""
-    import sae_lens.training.sae_trainer as trainer_module
 
     original = trainer_module.SAETrainer.step
     calls = {"n": 0}
@@ -61,8 +68,11 @@ def test_resume_after_interruption_is_bit_exact(tmp_path, monkeypatch, architect
         interrupt_at_step(patch, 5)
         stopped = train(tiny_config(tmp_path / "run", sae=sae, training_rows=ROWS, n_checkpoints=2))
     assert stopped.interrupted and stopped.n_training_rows == 5 * 64
-    resumed = train(tiny_config(tmp_path / "run", sae=sae, training_rows=ROWS, n_checkpoints=2,
-                                resume_from_checkpoint="latest"))  # fmt: skip
+    resumed = train(
+        tiny_config(
+            tmp_path / "run", sae=sae, training_rows=ROWS, n_checkpoints=2, resume_from_checkpoint="latest"
+        )
+    )
     assert resumed.n_training_rows == reference.n_training_rows == ROWS
     expected, got = reference.sae.state_dict(), resumed.sae.state_dict()
     assert expected.keys() == got.keys()

@@ -1,6 +1,6 @@
 """A finished run is never overwritten nor mixed with a new one (issue 14): ``train --output <run>`` without
-``--resume`` refuses before any work (exit 2, one line naming --resume and --overwrite); ``--overwrite`` replaces
-the run's own files and checkpoints and keeps every other file."""
+``--resume`` refuses before any work (exit 2, one line naming --resume and --overwrite); ``--overwrite``
+replaces the run's own files and checkpoints and keeps every other file."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ from vision_training_helpers import TINY_MODEL, shared_tiny, synthetic_images, t
 
 from sae_vision_ext.cli import main as cli_main
 from sae_vision_ext.training import runner as runner_module
-from sae_vision_ext.training.runner import RUN_ID_FILENAME, VisionSAETrainingRunner, committed_checkpoints
+from sae_vision_ext.training.checkpoints import RUN_ID_FILENAME, committed_checkpoints
+from sae_vision_ext.training.runner import VisionSAETrainingRunner
 
 HOOK = "blocks.1.hook_resid_post"
 
 
 def train(cfg, **kw):
     model, preprocess = shared_tiny(cfg.seed)
-    return VisionSAETrainingRunner(cfg, images=synthetic_images(), model=model, preprocess=preprocess,
-                                   say=lambda m: None, **kw).run()  # fmt: skip
+    return VisionSAETrainingRunner(
+        cfg, images=synthetic_images(), model=model, preprocess=preprocess, say=lambda m: None, **kw
+    ).run()
 
 
 @pytest.fixture
@@ -41,7 +43,9 @@ def test_train_into_a_finished_run_is_refused_and_changes_nothing(finished, monk
         raise AssertionError("the model was loaded before the output folder was checked")
 
     monkeypatch.setattr(runner_module, "load_model_for", no_model)
-    with pytest.raises(FileExistsError, match=r"already holds a run .*add --resume to continue it, or --overwrite"):
+    with pytest.raises(
+        FileExistsError, match=r"already holds a run .*add --resume to continue it, or --overwrite"
+    ):
         VisionSAETrainingRunner(tiny_config(finished, training_rows=64 * 6), images=synthetic_images()).run()
     assert snapshot(finished) == before
 
@@ -49,8 +53,12 @@ def test_train_into_a_finished_run_is_refused_and_changes_nothing(finished, monk
 def test_train_command_refuses_with_exit_2_and_one_line(finished, capsys, monkeypatch):
     before = snapshot(finished)
     monkeypatch.setattr(runner_module, "load_model_for", lambda *a, **k: pytest.fail("work started"))
-    code = cli_main(["train", "--model", TINY_MODEL, "--random-init", "--img-size", "32", "--hook", HOOK,
-                     "--tokens", "all", "--dataset", "unused", "--output", str(finished), "--quiet"])  # fmt: skip
+    code = cli_main(
+        (
+            f"train --model {TINY_MODEL} --random-init --img-size 32 --hook {HOOK} --tokens all "
+            f"--dataset unused --output {finished} --quiet"
+        ).split()
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("sae-vision train: error:") and "--resume" in err[0] and "--overwrite" in err[0]

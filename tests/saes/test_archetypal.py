@@ -1,5 +1,6 @@
 """Archetypal dictionary, RA-SAE and A-SAE: constraints, caching, folds, export, errors."""
 
+import inspect
 import json
 import subprocess
 import sys
@@ -9,22 +10,27 @@ import pytest
 import torch
 from sae_lens import SAE, LoggingConfig, TopKSAE, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
+from sae_lens.registry import get_sae_class, get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import load_file
+from torch.optim import optimizer as optimizer_module
 
 import sae_vision_ext  # noqa: F401  (registers the architectures)
 from sae_vision_ext.saes.archetypal import (
     ARCHITECTURES,
     ASAE,
     RASAE,
+    ArchetypalDecoderMixin,
     ArchetypalDictionary,
+    ArchetypalMatryoshkaTopKTrainingSAE,
     ASAETrainingSAE,
     ASAETrainingSAEConfig,
     RASAETrainingSAE,
     RASAETrainingSAEConfig,
     init_decoder_from_candidates,
 )
-from sae_vision_ext.training.candidates import Candidates
+from sae_vision_ext.saes.candidates_file import Candidates
 
 D_IN, D_SAE, N_CAND, K = 12, 24, 40, 4
 
@@ -46,22 +52,31 @@ def batches(n_batches, batch=32, seed=1):
 
 
 def trainer_for(sae, n_steps, lr=3e-2, batch=32):
-    cfg = SAETrainerConfig(total_training_samples=n_steps * batch, train_batch_size_samples=batch, lr=lr,
-                           lr_end=lr, device="cpu", logger=LoggingConfig(log_to_wandb=False))
+    cfg = SAETrainerConfig(
+        total_training_samples=n_steps * batch,
+        train_batch_size_samples=batch,
+        lr=lr,
+        lr_end=lr,
+        device="cpu",
+        logger=LoggingConfig(log_to_wandb=False),
+    )
     return SAETrainer(cfg, sae, batches(n_steps, batch))
 
 
-def assert_constraints(dictionary: ArchetypalDictionary):
-    W = dictionary.W.detach()
+def assert_feasible(W: torch.Tensor, Lambda: torch.Tensor | None, delta: float):
     assert W.min() >= 0
-    torch.testing.assert_close(W.sum(dim=1), torch.ones(W.shape[0]), atol=1e-5, rtol=0)
-    if dictionary.Lambda is not None:
-        assert (dictionary.Lambda.detach().norm(dim=1) <= dictionary.delta * (1 + 1e-5)).all()
+    torch.testing.assert_close(W.sum(dim=1), torch.ones(W.shape[0], dtype=W.dtype), atol=1e-5, rtol=0)
+    if Lambda is not None:
+        assert (Lambda.norm(dim=1) <= delta * (1 + 1e-5)).all()
+
+
+def assert_constraints(dictionary: ArchetypalDictionary):
+    """The weights as saved (``state_dict``) satisfy the constraints."""
+    state = dictionary.state_dict()
+    assert_feasible(state["W"], state.get("Lambda"), dictionary.delta)
 
 
 def test_registered_under_both_names():
-    from sae_lens.registry import get_sae_class, get_sae_training_class
-
     names = [a[0] for a in ARCHITECTURES]
     assert names[:2] == ["ra_sae", "a_sae"]
     assert get_sae_class("ra_sae")[0] is RASAE and get_sae_class("a_sae")[0] is ASAE
@@ -76,6 +91,17 @@ def test_identity_init_gives_first_candidates():
     assert sae.cfg.n_candidates == N_CAND
     assert "W_dec" not in sae.state_dict()
     assert_constraints(sae.archetypal)
+
+
+def test_W_dec_is_an_explicit_read_only_property():
+    """``W_dec`` is a class-level property (no ``__getattr__`` magic), read-only, and no parameter."""
+    for cls in (RASAE, RASAETrainingSAE, ArchetypalMatryoshkaTopKTrainingSAE):
+        assert isinstance(inspect.getattr_static(cls, "W_dec"), property)
+        assert "__getattr__" not in vars(ArchetypalDecoderMixin)
+    sae = make_sae()
+    assert "W_dec" not in dict(sae.named_parameters())
+    with pytest.raises(AttributeError):
+        sae.W_dec = torch.zeros(D_SAE, D_IN)
 
 
 def test_more_atoms_than_candidates_warns_and_starts_at_zero():
@@ -122,30 +148,111 @@ def test_constraints_hold_with_any_torch_optimizer():
         assert_constraints(sae.archetypal)
 
 
-def test_trainer_adam_switches_to_the_fused_kernel_with_the_same_update():
-    """SAETrainer's plain Adam becomes fused for the group holding W (same update up to rounding); an
-    optimiser that chose its kernel is left alone; the fused state survives a save / load."""
+def test_trainer_optimizer_is_left_as_built():
+    """SAETrainer's Adam keeps the kernel it was built with, and its updates equal a hand-written loop with
+    the same Adam, clipping and projection: the dictionary changes nobody's optimizer."""
     torch.manual_seed(0)
     sae = make_sae(delta=0.3)
-    chosen = make_sae(delta=0.3)
-    chosen.load_state_dict(sae.state_dict())
+    mine = make_sae(delta=0.3)
+    mine.load_state_dict(sae.state_dict())
     trainer = trainer_for(sae, 3)
-    own = torch.optim.Adam(chosen.parameters(), lr=3e-2, foreach=False)
+    own = torch.optim.Adam(mine.parameters(), lr=3e-2)
     for x in batches(3):
         trainer.step(x)
-        out = chosen.training_forward_pass(TrainStepInput(x, {}, None, 0, False))
+        out = mine.training_forward_pass(TrainStepInput(x, {}, None, 0, False))
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(chosen.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(mine.parameters(), 1.0)
         own.step()
         own.zero_grad()
-    assert [g["fused"] for g in trainer.optimizer.param_groups] == [True]
-    assert [g["fused"] for g in own.param_groups] == [None]
+    for optimizer in (trainer.optimizer, own):
+        assert [(g["fused"], g["foreach"]) for g in optimizer.param_groups] == [(None, None)]
     for name, value in sae.state_dict().items():
-        torch.testing.assert_close(value, chosen.state_dict()[name], atol=1e-5, rtol=1e-4, msg=name)
-    resumed = torch.optim.Adam(sae.parameters(), lr=3e-2)
-    resumed.load_state_dict(trainer.optimizer.state_dict())
-    assert resumed.param_groups[0]["fused"] is True
-    resumed.step()  # fused state loads and steps
+        assert torch.equal(value, mine.state_dict()[name]), name
+
+
+def test_projection_is_scoped_to_the_dictionary():
+    """Building and training archetypal SAEs installs no process-wide optimizer hook: an unrelated model's
+    optimizer steps exactly as it would without them: weights unprojected, kernel flags unchanged."""
+
+    def global_hooks_of_this_package():
+        hooks = [
+            *optimizer_module._global_optimizer_pre_hooks.values(),
+            *optimizer_module._global_optimizer_post_hooks.values(),
+        ]
+        return [h for h in hooks if getattr(h, "__module__", "").startswith("sae_vision_ext")]
+
+    def unrelated_model():
+        torch.manual_seed(3)
+        model = torch.nn.Linear(6, 5)
+        with torch.no_grad():
+            model.weight.sub_(1.0)  # far from row-stochastic: a projection would show
+        return model
+
+    def adam_steps(model, n=3):
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        for i in range(n):
+            model(torch.full((4, 6), float(i + 1))).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return opt
+
+    alone = unrelated_model()
+    adam_steps(alone)  # no archetypal SAE trained yet
+
+    sae = make_sae(delta=0.3)
+    trainer = trainer_for(sae, 3, lr=0.2)
+    for x in batches(3):
+        trainer.step(x)
+    beside = unrelated_model()
+    opt = adam_steps(beside)  # the same steps, after (and next to) a trained archetypal SAE
+    assert global_hooks_of_this_package() == []
+    assert [(g["fused"], g["foreach"]) for g in opt.param_groups] == [(None, None)]
+    assert torch.equal(beside.weight, alone.weight) and torch.equal(beside.bias, alone.bias)
+    assert beside.weight.min() < 0  # not projected
+    assert_constraints(sae.archetypal)  # while the SAE's own dictionary is
+
+
+def test_sae_trainer_keeps_constraints_in_steps_and_saved_files(tmp_path):
+    """Through SAELens's SAETrainer: after every step the weights as saved (state_dict and the file
+    ``save_model`` writes) are feasible, the next training forward uses projected parameters, and saving
+    does not perturb training (one projection per step either way)."""
+    delta = 0.3
+    sae, twin = make_sae(delta=delta), make_sae(delta=delta)
+    twin.load_state_dict(sae.state_dict())
+    trainer, twin_trainer = trainer_for(sae, 6, lr=0.2), trainer_for(twin, 6, lr=0.2)
+    for i, x in enumerate(batches(6)):
+        trainer.step(x)
+        twin_trainer.step(x)
+        violation = sae.archetypal.constraint_violation()  # the raw parameters right after the step
+        assert violation["W_min"] < 0 or violation["Lambda_excess"] > 0  # the step left the sets
+        weights, _ = sae.save_model(tmp_path / f"step{i}")
+        saved = load_file(weights)
+        assert_feasible(saved["archetypal.W"], saved["archetypal.Lambda"], delta)
+        assert_constraints(sae.archetypal)
+    for name, value in sae.state_dict().items():  # the twin never saved: same trajectory, bit for bit
+        assert torch.equal(value, twin.state_dict()[name]), name
+    twin_violation = twin.archetypal.constraint_violation()
+    assert twin_violation["W_min"] < 0 or twin_violation["Lambda_excess"] > 0
+    twin.training_forward_pass(TrainStepInput(next(batches(1, seed=8)), {}, None, 0, False))
+    assert_feasible(twin.archetypal.W.detach(), twin.archetypal.Lambda.detach(), delta)  # projected first
+
+
+def test_fused_adam_steps_are_projected_too():
+    """PyTorch's fused Adam writes W without moving its version counter; the forward pass that preceded the
+    step tells the dictionary to project before the next use anyway."""
+    sae = make_sae(delta=0.2)
+    opt = torch.optim.Adam(sae.parameters(), lr=0.2, fused=True)
+    for x in batches(4):
+        out = sae.training_forward_pass(TrainStepInput(x, {}, None, 0, False))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sae.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(sae.W_dec, sae.archetypal.compute(), rtol=0, atol=0)
+        assert_feasible(sae.archetypal.W.detach(), sae.archetypal.Lambda.detach(), 0.2)
+        sae.train()
+    assert (sae.archetypal.W.detach().max(dim=1).values < 1).any()  # it did train
 
 
 def test_delta_zero_is_a_sae_and_trains_without_nan():
@@ -272,8 +379,13 @@ def test_exported_topk_loads_without_the_plugin(tmp_path):
         "assert torch.equal(sae(io['x']), io['y'])\n"
         "print(type(sae).__name__)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().endswith("TopKSAE")
 
@@ -344,12 +456,19 @@ def test_topk_control_decoder_from_candidates():
 def test_config_reads_candidates_file(tmp_path):
     C = make_candidates()
     mean, std = torch.full((D_IN,), 1.0), torch.full((D_IN,), 2.0)
-    Candidates(C, (C - mean) / std, mean, std, torch.ones(N_CAND, dtype=torch.int64)).save(tmp_path / "c.safetensors")
+    Candidates(C, (C - mean) / std, mean, std, torch.ones(N_CAND, dtype=torch.int64)).save(
+        tmp_path / "c.safetensors"
+    )
     cfg = RASAETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, candidates_path=str(tmp_path / "c.safetensors"))
     assert cfg.n_candidates == N_CAND
     assert torch.equal(RASAETrainingSAE(cfg).W_dec, C[:D_SAE])
-    cfg_std = RASAETrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, candidates_path=str(tmp_path / "c.safetensors"),
-                                     candidates_space="standardized")
+    cfg_std = RASAETrainingSAEConfig(
+        d_in=D_IN,
+        d_sae=D_SAE,
+        k=K,
+        candidates_path=str(tmp_path / "c.safetensors"),
+        candidates_space="standardized",
+    )
     torch.testing.assert_close(RASAETrainingSAE(cfg_std).W_dec, ((C - mean) / std)[:D_SAE])
     # a config round-trips through dicts (what SAELens's runner does)
     again = RASAETrainingSAEConfig.from_dict(cfg.to_dict())

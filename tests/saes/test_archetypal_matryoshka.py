@@ -3,35 +3,27 @@
 import pytest
 import torch
 from sae_lens import SAE
+from sae_lens.registry import get_sae_class
+from test_archetypal import assert_constraints, batches, make_candidates, trainer_for
 
 import sae_vision_ext  # noqa: F401
 from sae_vision_ext.saes import archetypal
-
-pytestmark = pytest.mark.skipif(not hasattr(archetypal, "ArchetypalMatryoshkaTopKTrainingSAE"),
-                                reason="Matryoshka module not available")
 
 D_IN, D_SAE = 12, 24
 
 
 def make(**kw):
-    from test_archetypal import make_candidates
-
     kw.setdefault("k_levels", [2, 4, D_SAE])
     cfg = archetypal.ArchetypalMatryoshkaTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, **kw)
     return archetypal.ArchetypalMatryoshkaTopKTrainingSAE(cfg, candidates=make_candidates())
 
 
 def test_registered_and_identity_init():
-    from sae_lens.registry import get_sae_class
-    from test_archetypal import make_candidates
-
     assert get_sae_class("archetypal_matryoshka_topk")[0] is archetypal.ArchetypalMatryoshkaTopKSAE
     assert torch.equal(make().W_dec, make_candidates()[:D_SAE])
 
 
 def test_trains_with_constraints_and_one_dictionary_per_step(tmp_path):
-    from test_archetypal import assert_constraints, batches, trainer_for
-
     sae = make(delta=0.3)
     trainer = trainer_for(sae, 6, lr=0.05)
     for x in batches(6):

@@ -5,13 +5,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from sae_lens.config import SAETrainerConfig
+from datasets import Dataset
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.llm_sae_training_runner import _parse_cfg_args
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import SAE, TrainingSAE, TrainStepInput
+from sae_lens.training.sae_trainer import SAETrainer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_vision_ext
-from sae_vision_ext.saes import matryoshka_topk as msae_module
-from sae_vision_ext.saes import register_architectures
+from sae_vision_ext.saes import nested_decode, register_architectures
 from sae_vision_ext.saes.matryoshka_topk import (
     MatryoshkaTopKSAE,
     MatryoshkaTopKSAEConfig,
@@ -20,7 +24,6 @@ from sae_vision_ext.saes.matryoshka_topk import (
     default_k_levels,
     estimate_input_standardization,
     level_weights,
-    nested_topk_reconstructions,
 )
 
 
@@ -55,9 +58,9 @@ def randomize(sae, scale=0.3, bias_shift=0.0, seed=1):
         sae.b_enc.add_(bias_shift)
 
 
-# ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # reference: h separate dense decodes, written independently of the module
-# ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def reference_loss(sae, x):
@@ -110,8 +113,8 @@ def grads(sae, loss):
     ids=["gather", "measured", "dense", "mixed"],
 )
 def test_loss_and_gradients_match_h_dense_decodes(monkeypatch, options, bias_shift, gather_cost, dense_cost):
-    monkeypatch.setattr(msae_module, "GATHER_COST", gather_cost)
-    monkeypatch.setattr(msae_module, "DENSE_LEVEL_COST", dense_cost)
+    monkeypatch.setattr(nested_decode, "GATHER_COST", gather_cost)
+    monkeypatch.setattr(nested_decode, "DENSE_LEVEL_COST", dense_cost)
     sae = make_training_sae(dtype="float64", **options)
     randomize(sae, bias_shift=bias_shift)
     x = torch.randn(40, 12, dtype=torch.float64) * 1.5 + 0.3
@@ -143,102 +146,9 @@ def test_float32_gradients_match_reference():
         assert (g_fast - g_ref).abs().max() <= 1e-5 * scale
 
 
-def test_nested_decode_matches_independent_decodes_for_every_k():
-    torch.manual_seed(3)
-    acts = F.relu(torch.randn(33, 50) - 0.2)
-    decoder = torch.randn(50, 7)
-    levels = [1, 2, 5, 11, 30, 49, 50]
-    fast = nested_topk_reconstructions(acts, decoder, levels)
-    for k, y in zip(levels, fast):
-        idx = acts.topk(k, dim=-1).indices
-        expected = torch.zeros_like(acts).scatter(-1, idx, acts.gather(-1, idx)) @ decoder
-        assert torch.allclose(y, expected, atol=1e-5)
-
-
-def all_valid_plans(m):
-    import itertools
-
-    for plan in itertools.product(["head", "tail", "dense"], repeat=m):
-        if not any(a == "tail" and b == "head" for a, b in zip(plan[:-1], plan[1:])):
-            yield list(plan)
-
-
-def test_every_decode_plan_gives_the_same_levels_and_gradients(monkeypatch):
-    torch.manual_seed(5)
-    pre = torch.randn(21, 40, dtype=torch.float64)
-    decoder = torch.randn(40, 6, dtype=torch.float64)
-    levels = [3, 7, 15, 40]  # about 20 of 40 latents are positive: 3, 7 and 15 are partial levels
-    weights = torch.randn(len(levels), 21, 6, dtype=torch.float64)
-
-    def objective(fn):
-        p = pre.clone().requires_grad_()
-        d = decoder.clone().requires_grad_()
-        outs = fn(F.relu(p), d, levels)
-        total = sum((w * o).sum() for w, o in zip(weights, outs))
-        return [o.detach() for o in outs], torch.autograd.grad(total, (p, d))
-
-    ref_outs, ref_grads = objective(msae_module.naive_topk_reconstructions)
-    plans = list(all_valid_plans(3))
-    assert len(plans) == 21  # 27 minus the 6 with a tail level right below a head level
-    for plan in plans:
-        monkeypatch.setattr(msae_module, "plan_nested_decode", lambda *a, plan=plan, **k: plan)
-        outs, grads_ = objective(nested_topk_reconstructions)
-        for a, b in zip(outs + list(grads_), ref_outs + list(ref_grads)):
-            assert torch.allclose(a, b, atol=1e-10), plan
-
-
-@pytest.mark.parametrize("levels", [[2, 5, 9], [2, 5, 9, 40]])
-def test_nested_decode_gradients_with_rows_short_of_positive_latents(levels):
-    """Rows with fewer positive latents than a partial level (its top-k takes zeros there); with [2, 5, 9] no
-    level reaches the largest count, so there is no shared dense decode."""
-    torch.manual_seed(6)
-    pre = torch.randn(17, 40, dtype=torch.float64)
-    pre[0] = -1.0
-    pre[0, 7] = 0.5  # one positive latent
-    pre[1] = -1.0
-    pre[1, 10:13] = torch.tensor([0.3, 0.5, 0.4], dtype=torch.float64)  # three positive latents
-    pre.requires_grad_()
-    decoder = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(len(levels), 17, 6, dtype=torch.float64)
-    results = []
-    for fn in (nested_topk_reconstructions, msae_module.naive_topk_reconstructions):
-        outs = fn(F.relu(pre), decoder, levels)
-        total = sum((w * o).sum() for w, o in zip(weights, outs))
-        results.append([o.detach() for o in outs] + list(torch.autograd.grad(total, (pre, decoder))))
-    for a, b in zip(*results):
-        assert torch.allclose(a, b, atol=1e-10)
-
-
-@pytest.mark.parametrize("tile", [0, 4, 64])
-def test_gather_decode_matches_embedding_bag_with_tiles_and_empty_bags(monkeypatch, tile):
-    monkeypatch.setattr(msae_module, "DECODE_TILE_WIDTH", tile)
-    torch.manual_seed(2)
-    decoder = torch.randn(30, 10, dtype=torch.float64, requires_grad=True)
-    indices = torch.tensor([3, 7, 1, 29, 3, 0, 5, 5, 12])  # bags: [3 7 1] [] [29 3] [0 5] [] [5 12]
-    offsets = torch.tensor([0, 3, 3, 5, 7, 7])
-    weights = torch.rand(9, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(6, 10, dtype=torch.float64)
-    fast = msae_module.gather_decode(weights, decoder, indices, offsets)
-    ref = F.embedding_bag(indices, decoder, offsets, per_sample_weights=weights, mode="sum")
-    assert torch.allclose(fast, ref)
-    g_fast = torch.autograd.grad((fast * upstream).sum(), (weights, decoder))
-    g_ref = torch.autograd.grad((ref * upstream).sum(), (weights, decoder))
-    for a, b in zip(g_fast, g_ref):
-        assert torch.allclose(a, b)
-
-
-def test_decode_planner_prefers_gathers_for_narrow_bands_and_tails():
-    counts = torch.full((8,), 1200)
-    plan = msae_module.plan_nested_decode([64, 128, 256, 512, 1024], counts, 6144, full_available=True)
-    assert plan[:3] == ["head"] * 3 and plan[-1] == "tail"  # 1024: only ~176 positives above it
-    counts = torch.full((8,), 3100)
-    plan = msae_module.plan_nested_decode([64, 128, 256, 512, 1024, 2048], counts, 6144, full_available=True)
-    assert plan[0] == "head" and plan[-1] == "dense"
-
-
-# ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # levels, weights, nested supports
-# ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def test_default_ladder_matches_authors():
@@ -292,9 +202,9 @@ def test_encode_uses_config_default_and_per_call_override():
         assert torch.allclose(sae(x), relu @ sae.W_dec + sae.b_dec, atol=1e-5)
 
 
-# ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # configuration errors
-# ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cfg_cls", [MatryoshkaTopKSAEConfig, MatryoshkaTopKTrainingSAEConfig])
@@ -338,6 +248,36 @@ def test_other_bad_options_fail_at_config_time():
         MatryoshkaTopKTrainingSAEConfig(d_in=8, d_sae=64, standardize_scale="median")
 
 
+@pytest.mark.parametrize("old, new", [("paper", "mean_norm"), ("authors_code", "mean_squared_norm")])
+def test_saved_configs_with_old_standardize_scale_names_still_load(old, new):
+    """Training configs saved before issue 15 hold "paper" / "authors_code"; they load as the new names."""
+    saved = MatryoshkaTopKTrainingSAEConfig(d_in=8, d_sae=64, standardize_input=True).to_dict()
+    saved["standardize_scale"] = old
+    cfg = MatryoshkaTopKTrainingSAEConfig.from_dict(saved)
+    assert cfg.standardize_scale == new
+    sae = MatryoshkaTopKTrainingSAE(cfg)
+    x = torch.randn(500, 8) * 2
+    _, scale = sae.fit_input_standardization([x])
+    assert scale == pytest.approx(estimate_input_standardization([x], scale=new)[1])
+
+
+@pytest.mark.parametrize("k", [None, 4])
+def test_error_term_forward_returns_the_input_and_hooks_see_one_pass(k):
+    """SAELens's ``use_error_term`` contract with the extra ``k``: output = input, hooks fire for the main
+    pass only (the clean pass that measures the error runs with the hooks disabled)."""
+    torch.manual_seed(0)
+    sae = MatryoshkaTopKSAE(MatryoshkaTopKSAEConfig(d_in=12, d_sae=64, k_levels=[4, 64]), use_error_term=True)
+    randomize(sae)
+    x = torch.randn(5, 12)
+    seen = []
+    sae.hook_sae_recons.add_hook(lambda value, hook: seen.append(value.clone()))
+    out = sae(x, k=k)
+    assert torch.allclose(out, x, atol=1e-5)
+    assert len(seen) == 1 and torch.allclose(seen[0], sae.decode(sae.encode(x, k=k)), atol=1e-6)
+    sae.use_error_term = False
+    assert not torch.allclose(sae(x, k=k), x, atol=1e-3)
+
+
 def test_wrong_input_width_names_both_widths():
     sae = make_training_sae()
     inference = MatryoshkaTopKSAE(MatryoshkaTopKSAEConfig(d_in=12, d_sae=64))
@@ -351,9 +291,9 @@ def test_wrong_input_width_names_both_widths():
             call(torch.randn(5, 7))
 
 
-# ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # training
-# ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def sparse_data(n_rows, d=32, n_features=64, active=3, seed=0, offset=0.0, scale=1.0):
@@ -375,8 +315,6 @@ def batches(data, batch_size, seed=0):
 
 
 def train(sae, data, steps=300, batch_size=256, lr=3e-3, checkpoint_path=None, n_checkpoints=0):
-    from sae_lens.training.sae_trainer import SAETrainer
-
     cfg = SAETrainerConfig(
         total_training_samples=steps * batch_size,
         train_batch_size_samples=batch_size,
@@ -454,11 +392,14 @@ def test_training_with_standardised_inputs_takes_raw_activations():
 def test_standardization_estimates_and_guards():
     torch.manual_seed(0)
     x = torch.randn(3000, 9) * 3 + 2
-    mean, s_paper = estimate_input_standardization([x[:1000], x[1000:]], scale="paper")
-    _, s_code = estimate_input_standardization([x], scale="authors_code")
+    mean, s_norm = estimate_input_standardization([x[:1000], x[1000:]], scale="mean_norm")
+    _, s_squared = estimate_input_standardization([x], scale="mean_squared_norm")
     assert torch.allclose(mean, x.mean(0), atol=1e-5)
-    assert (((x - mean) * s_paper).norm(dim=-1).mean() - 3.0).abs() < 1e-4  # sqrt(9)
-    assert s_code == pytest.approx(3.0 / (x - x.mean(0)).pow(2).sum(-1).mean().item(), rel=1e-5)
+    assert (((x - mean) * s_norm).norm(dim=-1).mean() - 3.0).abs() < 1e-4  # sqrt(9)
+    assert s_squared == pytest.approx(3.0 / (x - x.mean(0)).pow(2).sum(-1).mean().item(), rel=1e-5)
+    # the spellings before issue 15 name the same estimates
+    assert estimate_input_standardization([x], scale="paper")[1] == pytest.approx(s_norm, rel=1e-6)
+    assert estimate_input_standardization([x], scale="authors_code")[1] == s_squared
     with pytest.raises(ValueError, match="at least one"):
         estimate_input_standardization([])
 
@@ -474,8 +415,6 @@ def test_standardization_estimates_and_guards():
 
 
 def test_per_level_losses_and_metrics_reach_the_saelens_log():
-    from sae_lens.training.sae_trainer import SAETrainer
-
     data = sparse_data(512, d=12, n_features=24)
     sae = make_training_sae(d_in=12, d_sae=64)
     cfg = SAETrainerConfig(total_training_samples=256, train_batch_size_samples=128, lr=1e-3, lr_end=1e-3)
@@ -490,9 +429,9 @@ def test_per_level_losses_and_metrics_reach_the_saelens_log():
     assert all(not v.requires_grad for v in out.losses.values())
 
 
-# ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # saving, loading, folding
-# ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def test_save_load_inference_and_training_checkpoints(tmp_path):
@@ -586,9 +525,9 @@ def test_training_class_folding_keeps_the_function(normalize_decoder):
         assert torch.allclose(a / c, b, atol=1e-4)
 
 
-# ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # registration, SAELens runner and command line
-# ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def test_registered_idempotently_and_distinct_from_saelens_matryoshka():
@@ -603,9 +542,6 @@ def test_registered_idempotently_and_distinct_from_saelens_matryoshka():
 
 
 def tiny_model_and_tokens(d_model=16, n_ctx=16, vocab=50, n_rows=64):
-    from datasets import Dataset
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     torch.manual_seed(0)
     model = HookedTransformer(
         HookedTransformerConfig(
@@ -617,9 +553,6 @@ def tiny_model_and_tokens(d_model=16, n_ctx=16, vocab=50, n_rows=64):
 
 
 def test_trains_inside_saelens_language_model_runner(tmp_path):
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
-    from sae_lens.config import LoggingConfig
-
     model, dataset, tokens = tiny_model_and_tokens()
     cfg = LanguageModelSAERunnerConfig(
         sae=MatryoshkaTopKTrainingSAEConfig(
@@ -654,8 +587,6 @@ def test_trains_inside_saelens_language_model_runner(tmp_path):
 
 
 def test_saelens_command_line_lists_and_accepts_the_architecture(capsys):
-    from sae_lens.llm_sae_training_runner import _parse_cfg_args
-
     cfg = _parse_cfg_args(
         [
             "--architecture",

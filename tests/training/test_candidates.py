@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from sae_vision_ext.activations.rows import open_row_source, rows_from_array
 from sae_vision_ext.training.candidates import (
     Candidates,
     Reservoir,
@@ -12,8 +13,6 @@ from sae_vision_ext.training.candidates import (
     compute_candidates,
     load_candidates,
     load_candidates_file,
-    open_row_source,
-    rows_from_array,
 )
 
 

@@ -1,11 +1,21 @@
-"""Data-parallel training over 2 gloo processes (loopback) equals single-process training with the same global batch."""
+"""Data-parallel training over 2 gloo processes (loopback) equals single-process training with the same global
+batch."""
 
 import os
+import subprocess
+import sys
 
+import datasets
 import numpy as np
 import pytest
 import torch
+from sae_lens import SAE
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.sae_trainer import SAETrainer
 
+import sae_vision_ext  # noqa: F401  (registers the plugin's architectures)
+from sae_vision_ext.commands.train_distributed import DistributedTrainConfig, main, sae_config
 from sae_vision_ext.errors import UserError
 from sae_vision_ext.training.distributed import (
     CachedActivationRows,
@@ -27,31 +37,43 @@ def _rows() -> torch.Tensor:
 
 
 def _sae(architecture="topk"):
-    from sae_lens.saes.sae import TrainingSAE
-
     torch.manual_seed(0)
     return TrainingSAE.from_dict(
-        dict(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=K, normalize_activations="expected_average_only_in")
+        dict(
+            architecture=architecture,
+            d_in=D_IN,
+            d_sae=D_SAE,
+            k=K,
+            normalize_activations="expected_average_only_in",
+        )
     )
 
 
 def _msae():
-    from sae_lens.saes.sae import TrainingSAE
-
-    import sae_vision_ext  # noqa: F401  (registers matryoshka_topk)
-
     torch.manual_seed(0)
-    return TrainingSAE.from_dict(dict(architecture="matryoshka_topk", d_in=D_IN, d_sae=D_SAE, k_levels=[4, 16, D_SAE],
-                                      level_weighting="reverse"))
+    return TrainingSAE.from_dict(
+        dict(
+            architecture="matryoshka_topk",
+            d_in=D_IN,
+            d_sae=D_SAE,
+            k_levels=[4, 16, D_SAE],
+            level_weighting="reverse",
+        )
+    )
 
 
 def _trainer_cfg(checkpoint_dir=None, steps=STEPS, n_checkpoints=2):
-    from sae_lens.config import SAETrainerConfig
-
     return SAETrainerConfig(
-        total_training_samples=BATCH * steps, train_batch_size_samples=BATCH, lr=3e-3, lr_end=3e-4,
-        lr_scheduler_name="cosineannealing", dead_feature_window=3, feature_sampling_window=1000,
-        n_batches_for_norm_estimate=4, checkpoint_path=checkpoint_dir, n_checkpoints=n_checkpoints,
+        total_training_samples=BATCH * steps,
+        train_batch_size_samples=BATCH,
+        lr=3e-3,
+        lr_end=3e-4,
+        lr_scheduler_name="cosineannealing",
+        dead_feature_window=3,
+        feature_sampling_window=1000,
+        n_batches_for_norm_estimate=4,
+        checkpoint_path=checkpoint_dir,
+        n_checkpoints=n_checkpoints,
         save_final_checkpoint=checkpoint_dir is not None,
     )
 
@@ -77,12 +99,24 @@ def _worker(context: DistributedContext, out: str) -> None:
         with open(log, "a") as f:
             f.write(f"{checkpoint_path}\n")
 
-    full = train_on_rows(_sae(), _trainer_cfg(os.path.join(out, "ddp")), rows, context=context, shuffle_seed=5,
-                         save_checkpoint_fn=record)
+    full = train_on_rows(
+        _sae(),
+        _trainer_cfg(os.path.join(out, "ddp")),
+        rows,
+        context=context,
+        shuffle_seed=5,
+        save_checkpoint_fn=record,
+    )
     context.barrier()
     first = sorted((p for p in os.listdir(os.path.join(out, "ddp")) if p.isdigit()), key=int)[0]
-    resumed = train_on_rows(_sae(), _trainer_cfg(os.path.join(out, "resumed")), rows, context=context,
-                            shuffle_seed=5, resume_from=os.path.join(out, "ddp", first))
+    resumed = train_on_rows(
+        _sae(),
+        _trainer_cfg(os.path.join(out, "resumed")),
+        rows,
+        context=context,
+        shuffle_seed=5,
+        resume_from=os.path.join(out, "ddp", first),
+    )
     batchtopk = train_on_rows(_sae("batchtopk"), _trainer_cfg(steps=10), rows, context=context)
 
     def interrupted_on_rank1():  # e.g. a SIGTERM handler in the data provider, on one rank only
@@ -93,18 +127,28 @@ def _worker(context: DistributedContext, out: str) -> None:
             yield next(batches)
 
     stopping = DistributedSAETrainer(_trainer_cfg(n_checkpoints=0), _sae(), iter(()), context=context)
-    stopping.data_provider = interrupted_on_rank1()  # assigned later, as a runner that wraps its provider does
+    stopping.data_provider = (
+        interrupted_on_rank1()
+    )  # assigned later, as a runner that wraps its provider does
     try:
         stopping.fit()
         stop = "finished"
     except (KeyboardInterrupt, RuntimeError) as error:
         stop = type(error).__name__
-    msae = train_on_rows(_msae(), _trainer_cfg(steps=15, n_checkpoints=0), rows, context=context, shuffle_seed=2)
+    msae = train_on_rows(
+        _msae(), _trainer_cfg(steps=15, n_checkpoints=0), rows, context=context, shuffle_seed=2
+    )
     torch.save(
-        {"full": _snapshot(full), "resumed": _snapshot(resumed), "first": first, "msae": _snapshot(msae),
-         "stop": (stop, stopping.n_training_steps),
-         "batchtopk_threshold": batchtopk.sae.topk_threshold.item() if hasattr(batchtopk.sae, "topk_threshold")
-         else batchtopk.sae.state_dict().get("threshold")},
+        {
+            "full": _snapshot(full),
+            "resumed": _snapshot(resumed),
+            "first": first,
+            "msae": _snapshot(msae),
+            "stop": (stop, stopping.n_training_steps),
+            "batchtopk_threshold": batchtopk.sae.topk_threshold.item()
+            if hasattr(batchtopk.sae, "topk_threshold")
+            else batchtopk.sae.state_dict().get("threshold"),
+        },
         os.path.join(out, f"rank{context.rank}.pt"),
     )
 
@@ -113,12 +157,15 @@ def _worker(context: DistributedContext, out: str) -> None:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     spawn_local(_worker, 2, (str(out),), backend="gloo", start_method="fork")
-    from sae_lens.training.sae_trainer import SAETrainer
 
     torch.set_num_threads(1)
-    single = SAETrainer(_trainer_cfg(str(out / "single")), _sae(), RankBatches(_rows(), BATCH, shuffle_seed=5))
+    single = SAETrainer(
+        _trainer_cfg(str(out / "single")), _sae(), RankBatches(_rows(), BATCH, shuffle_seed=5)
+    )
     single.fit()
-    msae = SAETrainer(_trainer_cfg(steps=15, n_checkpoints=0), _msae(), RankBatches(_rows(), BATCH, shuffle_seed=2))
+    msae = SAETrainer(
+        _trainer_cfg(steps=15, n_checkpoints=0), _msae(), RankBatches(_rows(), BATCH, shuffle_seed=2)
+    )
     msae.fit()
     return {
         "msae": _snapshot(msae),
@@ -132,7 +179,9 @@ def runs(tmp_path_factory):
 def test_two_gloo_ranks_equal_single_process_training(runs):
     single, ddp = runs["single"], runs["rank0"]["full"]
     assert ddp["steps"] == single["steps"] == STEPS and ddp["samples"] == single["samples"] == BATCH * STEPS
-    assert ddp["scaling_factor"] is None and single["scaling_factor"] is None  # folded into the weights at the end
+    assert (
+        ddp["scaling_factor"] is None and single["scaling_factor"] is None
+    )  # folded into the weights at the end
     for name, expected in single["state"].items():
         torch.testing.assert_close(ddp["state"][name], expected, rtol=1e-4, atol=1e-5, msg=name)
     # the statistics SAETrainer keeps per batch are global: firing counts and the dead-latent mask (AuxK loss)
@@ -146,7 +195,8 @@ def test_two_gloo_ranks_equal_single_process_training(runs):
 
 
 def test_the_plugin_matryoshka_sae_trains_the_same_distributed(runs):
-    """Nested-k MSAE (unit-norm decoder parametrisation, reverse weighting): a mean-over-rows loss, so exact."""
+    """Nested-k MSAE (unit-norm decoder parametrisation, reverse weighting): a mean-over-rows loss, so
+    exact."""
     single, ddp = runs["msae"], runs["rank0"]["msae"]
     assert ddp["steps"] == single["steps"] == 15
     for name, expected in single["state"].items():
@@ -203,12 +253,13 @@ def test_rank_batches_partition_each_global_batch():
 
 
 def test_cached_activation_rows_random_access(tmp_path):
-    import datasets
-
     flat = np.arange(12 * 5 * 3, dtype=np.float32).reshape(-1, 3)
-    features = datasets.Features({"blocks.0.hook_resid_post": datasets.Array2D(shape=(5, 3), dtype="float32")})
-    datasets.Dataset.from_dict({"blocks.0.hook_resid_post": flat.reshape(12, 5, 3)}, features=features).save_to_disk(
-        str(tmp_path / "cache"))
+    features = datasets.Features(
+        {"blocks.0.hook_resid_post": datasets.Array2D(shape=(5, 3), dtype="float32")}
+    )
+    datasets.Dataset.from_dict(
+        {"blocks.0.hook_resid_post": flat.reshape(12, 5, 3)}, features=features
+    ).save_to_disk(str(tmp_path / "cache"))
     rows = CachedActivationRows(tmp_path / "cache")
     assert len(rows) == 60 and rows.d_in == 3
     assert torch.equal(rows[7:23], torch.from_numpy(flat[7:23]))
@@ -218,8 +269,6 @@ def test_cached_activation_rows_random_access(tmp_path):
 
 
 def test_cli_help_lists_torchrun_usage(capsys):
-    from sae_vision_ext.commands.train_distributed import main
-
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
@@ -230,19 +279,19 @@ def test_cli_help_lists_torchrun_usage(capsys):
 
 
 def test_cli_trains_from_a_cache_and_saves_a_loadable_sae(tmp_path, capsys):
-    import datasets
-    from sae_lens import SAE
-
-    from sae_vision_ext.commands.train_distributed import main
-
     rows = _rows().numpy()
     hook = "blocks.3.hook_resid_post"
     features = datasets.Features({hook: datasets.Array2D(shape=(8, D_IN), dtype="float32")})
     datasets.Dataset.from_dict({hook: rows.reshape(-1, 8, D_IN)}, features=features).save_to_disk(
-        str(tmp_path / "cache"))
-    code = main(["--cache", str(tmp_path / "cache"), "--sae", "d_sae=32", "k=4", "--batch-size", "32",
-                 "--rows", "320", "--checkpoint-path", str(tmp_path / "ckpt"), "--output",
-                 str(tmp_path / "sae"), "--sae", "aux_loss_coefficient=0.5", "--quiet"])  # fmt: skip
+        str(tmp_path / "cache")
+    )
+    code = main(
+        (
+            f"--cache {tmp_path / 'cache'} --sae d_sae=32 k=4 --batch-size 32 --rows 320 "
+            f"--checkpoint-path {tmp_path / 'ckpt'} --output {tmp_path / 'sae'} --sae "
+            "aux_loss_coefficient=0.5 --quiet"
+        ).split()
+    )
     assert code == 0
     summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1]
     assert '"steps": 10' in summary and '"world_size": 1' in summary
@@ -252,8 +301,6 @@ def test_cli_trains_from_a_cache_and_saves_a_loadable_sae(tmp_path, capsys):
 
 
 def test_cli_sae_size_flags():
-    from sae_vision_ext.commands.train_distributed import DistributedTrainConfig, sae_config
-
     cfg = DistributedTrainConfig(cached_activations_path="x", training_rows=10, sae=["k=32"], expansion=4)
     assert sae_config(cfg, 16, "cpu") | {"k": 32} == sae_config(cfg, 16, "cpu")
     assert sae_config(cfg, 16, "cpu")["d_sae"] == 64 and cfg.train_batch_size_rows == 4096
@@ -266,20 +313,37 @@ def test_cli_sae_size_flags():
 
 def test_cli_under_torchrun_trains_on_two_processes(tmp_path):
     """``torchrun --nproc_per_node 2 -m sae_vision_ext.cli train-distributed ...`` (gloo, loopback)."""
-    import subprocess
-    import sys
-
-    import datasets
 
     hook = "blocks.3.hook_resid_post"
     features = datasets.Features({hook: datasets.Array2D(shape=(8, D_IN), dtype="float32")})
     datasets.Dataset.from_dict({hook: _rows().numpy().reshape(-1, 8, D_IN)}, features=features).save_to_disk(
-        str(tmp_path / "cache"))
+        str(tmp_path / "cache")
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "sae_vision_ext.cli", "train-distributed", "--cache", str(tmp_path / "cache"), "--sae", "k=4",
-               "--expansion", "4", "--batch-size", "32", "--rows", "320", "--output", str(tmp_path / "sae"),
-               "--quiet"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "sae_vision_ext.cli",
+        "train-distributed",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--sae",
+        "k=4",
+        "--expansion",
+        "4",
+        "--batch-size",
+        "32",
+        "--rows",
+        "320",
+        "--output",
+        str(tmp_path / "sae"),
+        "--quiet",
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]

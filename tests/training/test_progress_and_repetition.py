@@ -10,6 +10,7 @@ import pytest
 import torch
 from vision_training_helpers import shared_tiny, synthetic_images, tiny_config
 
+from sae_vision_ext.activations.rows import rows_from_array
 from sae_vision_ext.activations.store import CachedActivationStore
 from sae_vision_ext.analysis.concepts import name_concepts
 from sae_vision_ext.analysis.dashboard import write_dashboard
@@ -17,8 +18,9 @@ from sae_vision_ext.analysis.toy import make_sae, planted_sae, tiny_clip
 from sae_vision_ext.analysis.toy import synthetic_images as shape_images
 from sae_vision_ext.evals.reconstruction import evaluate_sae
 from sae_vision_ext.evals.report import ReportConfig, report_steps, run_report
-from sae_vision_ext.training.candidates import compute_candidates, rows_from_array
-from sae_vision_ext.training.runner import VisionSAETrainingRunner, cache_activations
+from sae_vision_ext.training.caching import cache_activations
+from sae_vision_ext.training.candidates import compute_candidates
+from sae_vision_ext.training.runner import VisionSAETrainingRunner
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -47,8 +49,9 @@ def test_compute_candidates_bars_every_pass_over_the_rows(capsys):
     err = capsys.readouterr().err
     assert "statistics and sample (pass 1/2)" in err and "Lloyd refinement (pass 2/2)" in err
     assert "600/600" in err and _rate("rows").search(err) and "k-means of 200 sampled rows" in err
-    compute_candidates(rows_from_array(rows, chunk_rows=100), 4, sample_rows=200, refine_passes=1, seed=0,
-                       progress=False)  # fmt: skip
+    compute_candidates(
+        rows_from_array(rows, chunk_rows=100), 4, sample_rows=200, refine_passes=1, seed=0, progress=False
+    )
     assert capsys.readouterr().err == ""
 
 
@@ -70,19 +73,27 @@ def test_write_dashboard_shows_images_per_second(tmp_path, capsys):
     model, preprocess = tiny_clip(seed=0)
     sae = make_sae(model.cfg.d_model, 16, HOOK, token_selection="cls", model_name=model.spec)
     images = shape_images(6, size=32, seed=1)
-    write_dashboard(model, sae, images, tmp_path / "on", preprocess=preprocess, n_latents=2, top_k=2,
-                    batch_size=4)  # fmt: skip
+    write_dashboard(
+        model, sae, images, tmp_path / "on", preprocess=preprocess, n_latents=2, top_k=2, batch_size=4
+    )
     err = capsys.readouterr().err
     assert "dashboard: latent statistics" in err and "6/6" in err and _rate("img").search(err), err
     assert "evaluating SAE" in err
-    write_dashboard(model, sae, images, tmp_path / "off", preprocess=preprocess, n_latents=2, top_k=2,
-                    progress=False)  # fmt: skip
+    write_dashboard(
+        model, sae, images, tmp_path / "off", preprocess=preprocess, n_latents=2, top_k=2, progress=False
+    )
     assert capsys.readouterr().err == ""
 
 
 def test_run_report_has_a_bar_over_its_steps(tmp_path, capsys):
-    cfg = ReportConfig.tiny(out=str(tmp_path / "report"), families=["topk"], topk_ks=[2], stability=False,
-                            n_train_rows=256, max_rows=1024)  # fmt: skip
+    cfg = ReportConfig.tiny(
+        out=str(tmp_path / "report"),
+        families=["topk"],
+        topk_ks=[2],
+        stability=False,
+        n_train_rows=256,
+        max_rows=1024,
+    )
     assert report_steps(cfg) == 3  # data and probe, one method, tables and plots
     run_report(cfg)
     err = capsys.readouterr().err
@@ -97,17 +108,29 @@ def test_run_report_has_a_bar_over_its_steps(tmp_path, capsys):
 
 def _cache(tmp_path, name, n_images, augment="none", **kw):
     model, preprocess = shared_tiny(5)
-    cfg = tiny_config(tmp_path / "unused", sae=None, token_selection="patches", images_per_shard=8,
-                      augment=augment)  # fmt: skip
+    cfg = tiny_config(
+        tmp_path / "unused", sae=None, token_selection="patches", images_per_shard=8, augment=augment
+    )
     said: list[str] = []
-    cache = cache_activations(cfg, tmp_path / name, n_images, images=synthetic_images(6), model=model,
-                              preprocess=preprocess, progress=False, say=said.append, **kw)  # fmt: skip
+    cache = cache_activations(
+        cfg,
+        tmp_path / name,
+        n_images,
+        images=synthetic_images(6),
+        model=model,
+        preprocess=preprocess,
+        progress=False,
+        say=said.append,
+        **kw,
+    )
     return cache, said
 
 
 def test_caching_more_positions_than_images_is_refused_without_allow_repeat(tmp_path):
-    refusal = (r"asks for 8 image positions but the dataset holds 6 images: that is 1\.3 passes over the "
-               r"same images; pass allow_repeat \(--allow-repeat\)")
+    refusal = (
+        r"asks for 8 image positions but the dataset holds 6 images: that is 1\.3 passes over the "
+        r"same images; pass allow_repeat \(--allow-repeat\)"
+    )
     with pytest.raises(ValueError, match=refusal):
         _cache(tmp_path, "refused", 8)
     assert not (tmp_path / "refused").exists()
@@ -129,9 +152,14 @@ def test_allow_repeat_and_augmentation_say_how_many_passes(tmp_path):
 def test_training_past_the_end_of_a_cache_says_the_epochs(tmp_path):
     cache, _ = _cache(tmp_path, "cache", 24, augment="crop_flip")  # 96 rows
     assert CachedActivationStore(cache, 32).repetition_message(96) is None
-    cfg = tiny_config(tmp_path / "run", token_selection="patches", use_cached_activations=True,
-                      cached_activations_path=str(cache.path), training_rows=320,
-                      train_batch_size_rows=32)  # fmt: skip
+    cfg = tiny_config(
+        tmp_path / "run",
+        token_selection="patches",
+        use_cached_activations=True,
+        cached_activations_path=str(cache.path),
+        training_rows=320,
+        train_batch_size_rows=32,
+    )
     said: list[str] = []
     result = VisionSAETrainingRunner(cfg, say=said.append).run()
     assert result.n_training_rows == 320
@@ -143,8 +171,11 @@ def test_training_from_images_without_augmentation_says_the_passes(tmp_path):
     # 12 images x 5 rows (CLS + 2x2 patches) = 60 rows per pass
     cfg = tiny_config(tmp_path / "run", augment="none", training_rows=64 * 3)
     said: list[str] = []
-    VisionSAETrainingRunner(cfg, images=synthetic_images(), model=model, preprocess=preprocess,
-                            say=said.append).run()  # fmt: skip
-    expected = ("training on 192 rows from 12 images x 5 rows per image: 3.2 passes over the images, "
-                "the same views each pass")
+    VisionSAETrainingRunner(
+        cfg, images=synthetic_images(), model=model, preprocess=preprocess, say=said.append
+    ).run()
+    expected = (
+        "training on 192 rows from 12 images x 5 rows per image: 3.2 passes over the images, "
+        "the same views each pass"
+    )
     assert any(line.startswith(expected) for line in said), said

@@ -1,5 +1,5 @@
-"""The training runner: preflight errors, outputs and metadata, several hooks, cache training, and resuming after
-SIGTERM / SIGKILL to the same final SAE."""
+"""The training runner: preflight errors, outputs and metadata, several hooks, cache training, and resuming
+after SIGTERM / SIGKILL to the same final SAE."""
 
 from __future__ import annotations
 
@@ -13,23 +13,27 @@ import time
 from pathlib import Path
 
 import pytest
+import sae_lens.training.sae_trainer as trainer_module
 import torch
+from sae_lens import SAE
 from vision_training_helpers import TINY_MODEL, shared_tiny, synthetic_images, tiny_config
 
 import sae_vision_ext  # noqa: F401  (registers the plugin's architectures)
+from sae_vision_ext.activations.source import ImageActivationSource
+from sae_vision_ext.evals.reconstruction import evaluate_sae
+from sae_vision_ext.evals.saved import evaluate_sae_folder
 from sae_vision_ext.training import runner as runner_module
-from sae_vision_ext.training.runner import (
-    VisionSAETrainingRunner,
-    cache_activations,
-    committed_checkpoints,
-)
+from sae_vision_ext.training.caching import cache_activations
+from sae_vision_ext.training.checkpoints import committed_checkpoints
+from sae_vision_ext.training.runner import VisionSAETrainingRunner
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 HOOK = "blocks.1.hook_resid_post"
 
 
 def _train(cfg, share_model=True, **kw):
-    """Train on the synthetic photos; the tiny model is built once per session (same weights as random-init(5))."""
+    """Train on the synthetic photos; the tiny model is built once per session (same weights as
+    random-init(5))."""
     if share_model and cfg.model_name == TINY_MODEL and cfg.img_size == 32 and "model" not in kw:
         kw["model"], kw["preprocess"] = shared_tiny(cfg.seed)
     return VisionSAETrainingRunner(cfg, images=synthetic_images(), say=lambda m: None, **kw).run()
@@ -52,12 +56,11 @@ def reference(tmp_path_factory):
 
 
 def test_width_mismatch_fails_before_any_work(tmp_path, monkeypatch):
-    import sae_lens.training.sae_trainer as trainer_module
-
     def no_training(*a, **k):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(trainer_module, "SAETrainer", no_training)
+    monkeypatch.setattr(runner_module, "SAETrainer", no_training)
+    monkeypatch.setattr(runner_module, "build_training_sae", no_training)
     cfg = tiny_config(tmp_path / "out", sae={"architecture": "topk", "d_in": 768, "d_sae": 1024, "k": 8})
     with pytest.raises(ValueError, match=r"d_in = 768.*'blocks.1.hook_resid_post'.*width 192"):
         _train(cfg)
@@ -80,14 +83,20 @@ def test_unwritable_output_fails_before_training(tmp_path, monkeypatch):
 
 
 def test_msae_run_writes_a_saelens_folder_with_vision_metadata(tmp_path):
-    from sae_lens import SAE
-
-    from sae_vision_ext.evals.saved import evaluate_sae_folder
-
-    sae_cfg = {"architecture": "matryoshka_topk", "d_in": 192, "d_sae": 256, "k_levels": [8, 32, 256],
-               "level_weighting": "reverse", "standardize_input": True}  # fmt: skip
-    cfg = tiny_config(tmp_path / "run", sae=sae_cfg, eval_holdout_images=2, n_eval_images=8, n_batches_for_norm_estimate=2)
-    result = _train(cfg, share_model=False)  # weights "random-init(seed=5)": the evaluator rebuilds them below
+    sae_cfg = {
+        "architecture": "matryoshka_topk",
+        "d_in": 192,
+        "d_sae": 256,
+        "k_levels": [8, 32, 256],
+        "level_weighting": "reverse",
+        "standardize_input": True,
+    }
+    cfg = tiny_config(
+        tmp_path / "run", sae=sae_cfg, eval_holdout_images=2, n_eval_images=8, n_batches_for_norm_estimate=2
+    )
+    result = _train(
+        cfg, share_model=False
+    )  # weights "random-init(seed=5)": the evaluator rebuilds them below
     out = tmp_path / "run"
     assert result.sae_paths == {HOOK: out}
     meta = json.loads((out / "cfg.json").read_text())["metadata"]
@@ -107,8 +116,6 @@ def test_msae_run_writes_a_saelens_folder_with_vision_metadata(tmp_path):
     images = synthetic_images(4)
     from_folder = evaluate_sae_folder(str(out), dataset=images, n_images=4)
     model, preprocess = shared_tiny(5)
-    from sae_vision_ext.activations.source import ImageActivationSource
-    from sae_vision_ext.evals.reconstruction import evaluate_sae
 
     source = ImageActivationSource(model, preprocess, images, HOOK, "all", shuffle=False)
     direct = evaluate_sae(loaded, (c.rows[HOOK] for c in source.iter_chunks(0, 4)))
@@ -116,10 +123,7 @@ def test_msae_run_writes_a_saelens_folder_with_vision_metadata(tmp_path):
     assert [row["k"] for row in from_folder["per_k"]] == [8, 32, 256]  # a Matryoshka SAE: every trained level
 
 
-
 def test_several_hooks_train_with_multi_sae_trainer_and_resume_after_sigterm(tmp_path, monkeypatch):
-    import sae_lens.training.sae_trainer as trainer_module
-
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     full = _train(tiny_config(tmp_path / "full", hook_name=hooks, training_rows=64 * 8))
     assert set(full.sae_paths) == set(hooks)
@@ -144,15 +148,14 @@ def test_several_hooks_train_with_multi_sae_trainer_and_resume_after_sigterm(tmp
     assert all((stopped.checkpoint / h / "sae_weights.safetensors").exists() for h in hooks)
     assert not (tmp_path / "cut" / hooks[0] / "cfg.json").exists()
     monkeypatch.setattr(trainer_module.SAETrainer, "step", original)
-    resumed = _train(tiny_config(tmp_path / "cut", hook_name=hooks, training_rows=64 * 8,
-                                 resume_from_checkpoint="latest"))  # fmt: skip
+    resumed = _train(
+        tiny_config(tmp_path / "cut", hook_name=hooks, training_rows=64 * 8, resume_from_checkpoint="latest")
+    )
     for hook in hooks:
         _assert_same_weights(full.saes[hook], resumed.saes[hook])
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_matches(tmp_path, monkeypatch, reference):
-    import sae_lens.training.sae_trainer as trainer_module
-
     original = trainer_module.SAETrainer.step
     calls = {"n": 0}
 
@@ -204,8 +207,9 @@ def test_sigkill_mid_training_then_resume_gives_the_same_sae(tmp_path, reference
     script.write_text(textwrap.dedent(KILL_SCRIPT))
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, str(script), str(out)], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     try:
         while not committed_checkpoints(out / "checkpoints"):
@@ -224,31 +228,51 @@ def test_sigkill_mid_training_then_resume_gives_the_same_sae(tmp_path, reference
     _assert_same_weights(reference.sae, resumed.sae)
 
 
-# ----------------------------------------------------------------------------------------------- cache training
+# ----------------------------------------------------------------------------------------------- cache traini
 
 
 def test_training_from_a_cache_needs_no_model(tmp_path, monkeypatch):
     model, preprocess = shared_tiny(5)
-    cache_cfg = tiny_config(tmp_path / "unused", sae=None, hook_name=HOOK, token_selection="patches", images_per_shard=8)
+    cache_cfg = tiny_config(
+        tmp_path / "unused", sae=None, hook_name=HOOK, token_selection="patches", images_per_shard=8
+    )
     for name, n in (("train_cache", 48), ("eval_cache", 8)):
-        cache_activations(cache_cfg, tmp_path / name, n, images=synthetic_images(), model=model, preprocess=preprocess,
-                          progress=False, say=lambda m: None)  # fmt: skip
+        cache_activations(
+            cache_cfg,
+            tmp_path / name,
+            n,
+            images=synthetic_images(),
+            model=model,
+            preprocess=preprocess,
+            progress=False,
+            say=lambda m: None,
+        )
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(runner_module, "load_model_for", no_model)
-    cfg = tiny_config(tmp_path / "run", token_selection="patches", use_cached_activations=True,
-                      cached_activations_path=str(tmp_path / "train_cache"), eval_dataset_path=str(tmp_path / "eval_cache"),
-                      training_rows=64 * 6, n_eval_images=8)  # fmt: skip
+    cfg = tiny_config(
+        tmp_path / "run",
+        token_selection="patches",
+        use_cached_activations=True,
+        cached_activations_path=str(tmp_path / "train_cache"),
+        eval_dataset_path=str(tmp_path / "eval_cache"),
+        training_rows=64 * 6,
+        n_eval_images=8,
+    )
     result = VisionSAETrainingRunner(cfg, say=lambda m: None).run()
     assert result.n_training_rows == 384 and result.metrics[HOOK]["source"] == "held-out cache"
     assert result.metrics[HOOK]["n_rows"] == 32
     meta = json.loads((tmp_path / "run" / "cfg.json").read_text())["metadata"]
     assert meta["model_name"] == TINY_MODEL and meta["context_size"] == 4 and meta["image_size"] == [32, 32]
-    wrong = tiny_config(tmp_path / "run2", token_selection="patches", use_cached_activations=True,
-                        cached_activations_path=str(tmp_path / "train_cache"),
-                        sae={"architecture": "standard", "d_in": 100, "d_sae": 200})  # fmt: skip
+    wrong = tiny_config(
+        tmp_path / "run2",
+        token_selection="patches",
+        use_cached_activations=True,
+        cached_activations_path=str(tmp_path / "train_cache"),
+        sae={"architecture": "standard", "d_in": 100, "d_sae": 200},
+    )
     with pytest.raises(ValueError, match="d_in = 100.*width 192"):
         VisionSAETrainingRunner(wrong).run()
 
@@ -265,6 +289,10 @@ def test_evaluator_runs_inside_saelens_when_wandb_is_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner_module.VisionSAEEvaluator, "__call__", counting)
     logger = {"log_to_wandb": True, "wandb_log_frequency": 1, "eval_every_n_wandb_logs": 2}
-    _train(tiny_config(tmp_path / "run", training_rows=64 * 4, eval_holdout_images=2, n_eval_images=4, logger=logger))
+    _train(
+        tiny_config(
+            tmp_path / "run", training_rows=64 * 4, eval_holdout_images=2, n_eval_images=4, logger=logger
+        )
+    )
     assert len(calls) == 2  # SAETrainer called it at steps 2 and 4
     assert {"eval/fvu", "eval/cosine", "eval/l0", "eval/dead_fraction"} <= set(calls[0])

@@ -10,9 +10,14 @@ import signal
 
 import pytest
 import torch
+from PIL import Image
+from sae_lens.config import SAETrainerConfig
+from sae_lens.training.sae_trainer import SAETrainer
 from vision_training_helpers import shared_tiny, synthetic_images, tiny_config
 
 import sae_vision_ext  # noqa: F401  (registers the plugin's architectures)
+from sae_vision_ext._saelens_compat import build_training_sae
+from sae_vision_ext.training.config import sae_config_from_dict
 from sae_vision_ext.training.monitor import (
     CURVES_FILENAME,
     FVU_VS_K_FILENAME,
@@ -23,28 +28,34 @@ from sae_vision_ext.training.monitor import (
 from sae_vision_ext.training.runner import VisionSAETrainingRunner
 
 HOOK = "blocks.1.hook_resid_post"
-MSAE = {"architecture": "matryoshka_topk", "d_in": 192, "d_sae": 256, "k_levels": [8, 32, 256],
-        "level_weighting": "reverse", "standardize_input": True}  # fmt: skip
+MSAE = {
+    "architecture": "matryoshka_topk",
+    "d_in": 192,
+    "d_sae": 256,
+    "k_levels": [8, 32, 256],
+    "level_weighting": "reverse",
+    "standardize_input": True,
+}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _train(cfg):
     model, preprocess = shared_tiny(cfg.seed)
-    return VisionSAETrainingRunner(cfg, images=synthetic_images(), model=model, preprocess=preprocess,
-                                   say=lambda m: None).run()  # fmt: skip
+    return VisionSAETrainingRunner(
+        cfg, images=synthetic_images(), model=model, preprocess=preprocess, say=lambda m: None
+    ).run()
 
 
 def _msae_config(output, **overrides):
-    return tiny_config(output, sae=MSAE, eval_holdout_images=2, n_eval_images=8,
-                       n_batches_for_norm_estimate=2, **overrides)  # fmt: skip
+    return tiny_config(
+        output, sae=MSAE, eval_holdout_images=2, n_eval_images=8, n_batches_for_norm_estimate=2, **overrides
+    )
 
 
 def _assert_png(path, min_bytes=10_000):
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC, path
     assert len(data) > min_bytes, (path, len(data))
-    from PIL import Image
-
     with Image.open(path) as image:
         assert image.width >= 500 and image.height >= 300
 
@@ -124,9 +135,7 @@ def test_several_hooks_share_one_log_and_a_plain_sae_gets_no_fvu_vs_k(tmp_path):
 
 
 def test_interrupted_run_keeps_its_curve_and_resume_continues_it(tmp_path, monkeypatch):
-    import sae_lens.training.sae_trainer as trainer_module
-
-    original = trainer_module.SAETrainer.step
+    original = SAETrainer.step
     calls = {"n": 0}
 
     def step_then_sigterm(self, batch):
@@ -135,7 +144,7 @@ def test_interrupted_run_keeps_its_curve_and_resume_continues_it(tmp_path, monke
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, batch)
 
-    monkeypatch.setattr(trainer_module.SAETrainer, "step", step_then_sigterm)
+    monkeypatch.setattr(SAETrainer, "step", step_then_sigterm)
     out = tmp_path / "run"
     stopped = _train(_msae_config(out))
     assert stopped.interrupted and stopped.checkpoint.name == str(7 * 64)
@@ -143,7 +152,7 @@ def test_interrupted_run_keeps_its_curve_and_resume_continues_it(tmp_path, monke
     assert [r["step"] for r in read_metrics(log)] == list(range(1, 8))
     assert str(log) in stopped.summary()
     assert not (out / CURVES_FILENAME).exists()  # plots only at the end of a finished run
-    monkeypatch.setattr(trainer_module.SAETrainer, "step", original)
+    monkeypatch.setattr(SAETrainer, "step", original)
 
     # what a run killed after its checkpoint leaves behind: records past the checkpoint, a torn last line
     stale = {**read_metrics(log)[-1], "loss": 1e9}
@@ -174,16 +183,15 @@ def test_a_new_run_in_the_same_folder_starts_a_new_log(tmp_path):
 
 
 def _saelens_trainer(sae_cfg, steps=7, batch=64):
-    from sae_lens.config import SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
-    from sae_vision_ext.training.config import sae_config_from_dict
-    from sae_vision_ext.training.runner import _make_training_sae
-
     torch.manual_seed(0)
-    sae = _make_training_sae(sae_config_from_dict(sae_cfg))
-    cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=1e-3,
-                           lr_end=1e-4, dead_feature_window=3)  # fmt: skip
+    sae = build_training_sae(sae_config_from_dict(sae_cfg))
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * batch,
+        train_batch_size_samples=batch,
+        lr=1e-3,
+        lr_end=1e-4,
+        dead_feature_window=3,
+    )
     return SAETrainer(cfg, sae, iter(()))
 
 
@@ -220,8 +228,12 @@ def test_postfix_shows_loss_mse_per_level_l0_and_dead_compactly(tmp_path):
         # each text shows the steps since the previous one only (here: the step of that record)
         assert match.groups() == (f"{record['loss']:.3g}", f"{record['mse_per_k']['256']:.3g}")
 
-    many = {"architecture": "matryoshka_topk", "d_in": 192, "d_sae": 4096,
-            "k_levels": [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}  # fmt: skip
+    many = {
+        "architecture": "matryoshka_topk",
+        "d_in": 192,
+        "d_sae": 4096,
+        "k_levels": [16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
+    }
     trainer = _saelens_trainer(many)
     monitor = TrainingMonitor(tmp_path / "many", {HOOK: trainer}, total_rows=64 * 100, batch_rows=64)
     trainer.step(torch.randn(64, 192))

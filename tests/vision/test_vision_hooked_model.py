@@ -13,14 +13,13 @@ import pytest
 import torch
 
 from sae_vision_ext.activations.sample_images import sample_images
-from sae_vision_ext.vision.hooked_vision_model import HookedVisionModel, UnknownHookError
-from sae_vision_ext.vision.load import load_vision_model
+from sae_vision_ext.vision.hooked_vision_model import UnknownHookError
+from sae_vision_ext.vision.load import load_vision_model, wrap_model
 
 # The wrapper hooks the visual tower only; a small text tower keeps the open_clip builds cheap (the full
 # models, text towers included, are built in test_vision_load.py and, on the meta device, below).
 TINY_TEXT = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
 SLOW = pytest.mark.slow
-
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,6 +30,7 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
 
 def _flip_to_sequence_first(bare):
     """open_clip towers built with transformer.batch_first=False run their blocks on [T, B, d] tensors."""
@@ -44,7 +44,7 @@ def _build_seq_first(img_size):
     import open_clip
 
     bare = open_clip.create_model("ViT-B-32", pretrained=None, force_image_size=img_size, text_cfg=TINY_TEXT)
-    return HookedVisionModel.wrap(_flip_to_sequence_first(bare.eval()), spec="open_clip:ViT-B-32 (sequence-first)")
+    return wrap_model(_flip_to_sequence_first(bare.eval()), spec="open_clip:ViT-B-32 (sequence-first)")
 
 
 # id -> (spec, img_size (H, W): non-square where the grid order matters, extra kwargs for load_vision_model)
@@ -106,13 +106,18 @@ def library_intermediates(model, images):
     """Each block's output [B, T, d] from the library's own forward_intermediates."""
     trunk = timm_trunk(model)
     if trunk is not None:
-        outs = trunk.forward_intermediates(images, output_fmt="NLC", intermediates_only=True,
-                                           return_prefix_tokens=True)
+        outs = trunk.forward_intermediates(
+            images, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
         # (patches, prefix) pairs when the model has prefix tokens, bare patch tokens otherwise
         return [torch.cat([item[1], item[0]], dim=1) if isinstance(item, tuple) else item for item in outs]
-    out = model.model.visual.forward_intermediates(images, output_fmt="NLC", intermediates_only=True,
-                                                   output_extra_tokens=True)
-    return [torch.cat([p, x], dim=1) for p, x in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
+    out = model.model.visual.forward_intermediates(
+        images, output_fmt="NLC", intermediates_only=True, output_extra_tokens=True
+    )
+    return [
+        torch.cat([p, x], dim=1)
+        for p, x in zip(out["image_intermediates_prefix"], out["image_intermediates"])
+    ]
 
 
 def library_blocks(model):
@@ -153,7 +158,9 @@ def test_wrapped_model_is_untouched(family):
     spec, img_size, kwargs = FAMILIES[name]
     if spec is not None:
         with torch.device("meta"):
-            reference, _ = load_vision_model(spec, pretrained=False, img_size=img_size, device="meta", **kwargs)
+            reference, _ = load_vision_model(
+                spec, pretrained=False, img_size=img_size, device="meta", **kwargs
+            )
         expected = {k: tuple(v.shape) for k, v in reference.model.state_dict().items()}
         assert {k: tuple(v.shape) for k, v in bare.state_dict().items()} == expected
 
@@ -210,7 +217,9 @@ def test_replacing_hooks_change_output_as_expected(family):
     k = model.n_layers // 2
     with torch.no_grad():
         # steering: scale one block's residual output; the library's own tail computes the expected output
-        out = model.run_with_hooks(images, fwd_hooks=[(f"blocks.{k}.hook_resid_post", lambda a, hook: a * 0.5)])
+        out = model.run_with_hooks(
+            images, fwd_hooks=[(f"blocks.{k}.hook_resid_post", lambda a, hook: a * 0.5)]
+        )
         expected = library_tail(model, cache[f"blocks.{k}.hook_resid_post"] * 0.5, k + 1)
         torch.testing.assert_close(out, expected)
         assert not torch.allclose(out, bare_out)
@@ -230,9 +239,14 @@ def test_stop_at_layer_really_stops(family):
     blocks = library_blocks(model)
     counts = [0] * len(blocks)
     # the wrapper calls each block's submodules; every block kind has an `mlp`
-    handles = [b.mlp.register_forward_pre_hook(lambda m, a, i=i: counts.__setitem__(i, counts[i] + 1))
-               for i, b in enumerate(blocks)]
-    names = ["hook_embed", *(f"blocks.{i}.{h}" for i in range(stop) for h in ("hook_resid_pre", "hook_resid_post"))]
+    handles = [
+        b.mlp.register_forward_pre_hook(lambda m, a, i=i: counts.__setitem__(i, counts[i] + 1))
+        for i, b in enumerate(blocks)
+    ]
+    names = [
+        "hook_embed",
+        *(f"blocks.{i}.{h}" for i in range(stop) for h in ("hook_resid_pre", "hook_resid_post")),
+    ]
     try:
         with torch.no_grad():
             out, cache = model.run_with_cache(images, names_filter=names, stop_at_layer=stop)
@@ -251,8 +265,9 @@ def test_stop_at_layer_really_stops(family):
     with pytest.raises(ValueError, match="out of range"):
         model(images, stop_at_layer=model.n_layers + 1)
     with torch.no_grad():  # negative: counted from the end, as in TransformerLens
-        _, first = model.run_with_cache(images, names_filter="blocks.0.hook_resid_post",
-                                        stop_at_layer=-(model.n_layers - 1))
+        _, first = model.run_with_cache(
+            images, names_filter="blocks.0.hook_resid_post", stop_at_layer=-(model.n_layers - 1)
+        )
     assert torch.equal(first["blocks.0.hook_resid_post"], full["blocks.0.hook_resid_post"])
 
 
@@ -321,12 +336,15 @@ def test_token_layout_and_hook_widths(family):
 
 
 # ---------------------------------------------------------------------------------------------- big models
-@pytest.mark.parametrize("spec, n_layers, d_model, d_embed, n_tokens", [
-    ("open_clip:ViT-L-14/openai", 24, 1024, 768, 257),
-    ("open_clip:ViT-B-16-SigLIP2/webli", 12, 768, 768, 196),
-    ("timm:vit_large_patch14_reg4_dinov2.lvd142m", 24, 1024, None, 1374),
-    ("timm:vit_base_patch16_siglip_224", 12, 768, 768, 196),
-])
+@pytest.mark.parametrize(
+    "spec, n_layers, d_model, d_embed, n_tokens",
+    [
+        ("open_clip:ViT-L-14/openai", 24, 1024, 768, 257),
+        ("open_clip:ViT-B-16-SigLIP2/webli", 12, 768, 768, 196),
+        ("timm:vit_large_patch14_reg4_dinov2.lvd142m", 24, 1024, None, 1374),
+        ("timm:vit_base_patch16_siglip_224", 12, 768, 768, 196),
+    ],
+)
 def test_full_resolution_shapes_on_meta(spec, n_layers, d_model, d_embed, n_tokens):
     """Real architectures at their own resolution, full text towers included, built and run on the meta
     device (shapes only, no compute): hook names, widths and token counts."""
@@ -352,7 +370,9 @@ def test_siglip2_full_text_tower():
     model, preprocess = load_vision_model("open_clip:ViT-B-16-SigLIP2/webli", pretrained=False)
     images = torch.stack([preprocess(photo) for photo in sample_images(2)])
     with torch.no_grad():
-        out, cache = model.run_with_cache(images, names_filter=["blocks.11.hook_resid_post", "hook_image_embed"])
+        out, cache = model.run_with_cache(
+            images, names_filter=["blocks.11.hook_resid_post", "hook_image_embed"]
+        )
         assert torch.equal(out, model.model.encode_image(images))
         text = model.encode_text(torch.randint(0, 1000, (2, 64)))
     assert text.shape == out.shape == (2, 768)

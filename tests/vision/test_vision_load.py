@@ -11,17 +11,21 @@ from transformer_lens.hook_points import HookPoint
 
 from sae_vision_ext.activations.sample_images import sample_images
 from sae_vision_ext.vision.hooked_vision_model import (
-    HookedVisionModel,
     TokenLayout,
     UnknownHookError,
     describe_hook_names,
 )
-from sae_vision_ext.vision.load import file_sha256, load_vision_model, load_vision_model_or_random, parse_spec
+from sae_vision_ext.vision.load import (
+    file_sha256,
+    load_vision_model,
+    load_vision_model_or_random,
+    parse_spec,
+    wrap_model,
+)
 
 TINY = "timm:vit_tiny_patch16_224"
 # open_clip builds below use a small text tower where the text tower is not under test (cheaper init)
 TINY_TEXT = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
-
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,6 +36,7 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -63,12 +68,17 @@ def test_load_matches_a_plain_library_build():
 
     # the openai tag was trained with QuickGELU: the random-init architecture must use it too
     torch.manual_seed(0)
-    bare = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True, force_image_size=64,
-                                  text_cfg=TINY_TEXT).eval()
+    bare = open_clip.create_model(
+        "ViT-B-32", pretrained=None, force_quick_gelu=True, force_image_size=64, text_cfg=TINY_TEXT
+    ).eval()
     torch.manual_seed(0)
-    hooked, _ = load_vision_model("open_clip:ViT-B-32/openai", pretrained=False, img_size=64, text_cfg=TINY_TEXT)
+    hooked, _ = load_vision_model(
+        "open_clip:ViT-B-32/openai", pretrained=False, img_size=64, text_cfg=TINY_TEXT
+    )
     assert type(hooked.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
-    assert all(torch.equal(a, b) for a, b in zip(bare.state_dict().values(), hooked.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(bare.state_dict().values(), hooked.model.state_dict().values())
+    )
     x = images_for(hooked)
     with torch.no_grad():
         assert torch.equal(hooked(x), bare.encode_image(x))
@@ -148,14 +158,14 @@ def test_wrap_rejects_unsupported_models():
     import timm
 
     with pytest.raises(TypeError, match="timm VisionTransformer"):
-        HookedVisionModel.wrap(torch.nn.Linear(3, 3))
+        wrap_model(torch.nn.Linear(3, 3))
     with torch.device("meta"):
         resnet = timm.create_model("resnet18")
         rn50 = open_clip.create_model("RN50", device="meta")
     with pytest.raises(TypeError, match="VisionTransformer"):
-        HookedVisionModel.wrap(resnet)
+        wrap_model(resnet)
     with pytest.raises(NotImplementedError, match="ModifiedResNet"):
-        HookedVisionModel.wrap(rn50)
+        wrap_model(rn50)
 
 
 def test_preprocess_gives_model_sized_tensors(tiny):
@@ -169,7 +179,9 @@ def test_preprocess_gives_model_sized_tensors(tiny):
 
 def test_open_clip_text_tower_and_tokenizer():
     torch.manual_seed(0)
-    model, preprocess = load_vision_model("open_clip:ViT-B-32/laion2b_s34b_b79k", pretrained=False, img_size=64)
+    model, preprocess = load_vision_model(
+        "open_clip:ViT-B-32/laion2b_s34b_b79k", pretrained=False, img_size=64
+    )
     assert tuple(preprocess(sample_images(1)[0]).shape) == (3, 64, 64)
     tokens = model.tokenizer(["a photo of a cat", "a rocket"])
     with torch.no_grad():
@@ -188,7 +200,7 @@ def test_open_clip_text_tower_and_tokenizer():
         assert callable(tokenizer)  # the tokenizer was in the local HF cache
 
 
-# ---------------------------------------------------------------------------------------------- SAELens splice
+# --------------------------------------------------------------------------------------------- SAELens splice
 def test_saelens_add_sae_splices_into_the_forward(tiny):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.analysis.hooked_sae_transformer import HookedSAETransformer
@@ -208,7 +220,9 @@ def test_saelens_add_sae_splices_into_the_forward(tiny):
             clean, clean_cache = model.run_with_cache(x, names_filter=hook)
             HookedSAETransformer.add_sae(model, sae, use_error_term=False)
             assert hook not in model.hook_dict and f"{hook}.hook_sae_acts_post" in model.hook_dict
-            spliced, cache = model.run_with_cache(x, names_filter=[f"{hook}.hook_sae_acts_post", f"{hook}.hook_sae_output"])
+            spliced, cache = model.run_with_cache(
+                x, names_filter=[f"{hook}.hook_sae_acts_post", f"{hook}.hook_sae_output"]
+            )
             recon = sae.decode(sae.encode(clean_cache[hook]))
             torch.testing.assert_close(cache[f"{hook}.hook_sae_output"], recon)
             expected = model.model.forward_head(model.model.norm(model.model.blocks[2:](recon)))
@@ -253,12 +267,14 @@ def test_unknown_blocks_run_whole_with_coarse_hooks():
 
     torch.manual_seed(0)
     bare = timm.create_model("vit_tiny_patch16_224", block_fn=ResPostBlock, img_size=64).eval()
-    model = HookedVisionModel.wrap(bare, spec="timm:vit_tiny_patch16_224 (ResPostBlock)")
+    model = wrap_model(bare, spec="timm:vit_tiny_patch16_224 (ResPostBlock)")
     assert "blocks.0.hook_resid_post" in model.hook_dict and "blocks.0.hook_attn_out" not in model.hook_dict
     x = images_for(model)
     with torch.no_grad():
         out, cache = model.run_with_cache(x)
-        reference = bare.forward_intermediates(x, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
+        reference = bare.forward_intermediates(
+            x, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
         assert torch.equal(out, bare(x))
     for i, (patches, prefix) in enumerate(reference):
         assert torch.equal(cache[f"blocks.{i}.hook_resid_post"], torch.cat([prefix, patches], dim=1))
@@ -290,8 +306,10 @@ def test_token_layout_select_and_errors():
 def test_describe_hook_names_is_compact():
     names = ["hook_embed", *(f"blocks.{i}.hook_resid_post" for i in range(12)), "hook_pooled"]
     assert describe_hook_names(names) == "hook_embed, blocks.{0..11}.hook_resid_post, hook_pooled"
-    assert describe_hook_names(["blocks.3.hook_resid_post", "blocks.5.hook_resid_post"]) == \
-        "blocks.{3,5}.hook_resid_post"
+    assert (
+        describe_hook_names(["blocks.3.hook_resid_post", "blocks.5.hook_resid_post"])
+        == "blocks.{3,5}.hook_resid_post"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- sample images

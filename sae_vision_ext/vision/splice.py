@@ -1,32 +1,32 @@
-"""Splice SAEs into a hooked vision model: ``add_sae``, ``saes()``, ``run_with_saes``, ``run_with_cache_with_saes``.
+"""Splice SAEs into a hooked vision model: ``add_sae``, ``saes()``, ``run_with_saes``, ... (SAELens-style).
 
-Same semantics as SAELens's ``HookedSAETransformer`` (facts from its docs and source, our own code): attaching an
-SAE swaps the ``HookPoint`` at ``sae.cfg.metadata.hook_name`` for a wrapper module; the model's forward then calls
-the wrapper, which returns the SAE's reconstruction
+Same semantics as SAELens's ``HookedSAETransformer`` (facts from its docs and source, our own code): attaching
+an SAE swaps the ``HookPoint`` at ``sae.cfg.metadata.hook_name`` for a wrapper module; the model's forward
+then calls the wrapper, which returns the SAE's reconstruction
 
     out = decode(encode(x))                                   (use_error_term=False)
     out = decode(encode(x)) + (x - decode_clean(encode_clean(x)))   (use_error_term=True)
 
-where the "clean" pass runs with the SAE's hooks disabled, so an intervention on ``hook_sae_acts_post`` changes
-the output even with the error term on, while without interventions the output equals ``x`` exactly. The SAE's
-hook points appear in the model's ``hook_dict`` under ``<hook_name>.hook_sae_input``, ``.hook_sae_acts_pre``,
-``.hook_sae_acts_post``, ``.hook_sae_recons``, ``.hook_sae_error``, ``.hook_sae_output``, so ``run_with_cache``
-and ``run_with_hooks`` reach them.
+where the "clean" pass runs with the SAE's hooks disabled, so an intervention on ``hook_sae_acts_post``
+changes the output even with the error term on, while without interventions the output equals ``x`` exactly.
+The SAE's hook points appear in the model's ``hook_dict`` under ``<hook_name>.hook_sae_input``,
+``.hook_sae_acts_pre``, ``.hook_sae_acts_post``, ``.hook_sae_recons``, ``.hook_sae_error``,
+``.hook_sae_output``, so ``run_with_cache`` and ``run_with_hooks`` reach them.
 
 Vision-specific: token-restricted application. An SAE trained on some token positions only (its
 ``cfg.metadata.token_selection``, e.g. ``"cls"`` or ``"patches"``; ``tokens=`` overrides) is applied at those
-positions of the ``[B, T, d]`` activation only; every other position passes through unchanged (and takes no part
-in the error term). The SAE then sees ``[B, n_selected, d]``, and so do its hooks. Pooled hooks (``[B, d]``) are
-passed to the SAE whole.
+positions of the ``[B, T, d]`` activation only; every other position passes through unchanged (and takes no
+part in the error term). The SAE then sees ``[B, n_selected, d]``, and so do its hooks. Pooled hooks
+(``[B, d]``) are passed to the SAE whole.
 
-Differences from SAELens, on purpose: an unknown hook name raises ``KeyError`` listing the valid names (SAELens
-logs a warning and skips); a width mismatch raises ``ValueError`` naming both sizes; removing an SAE puts back
-the model's ORIGINAL ``HookPoint`` object (with any permanent hooks it had) rather than a fresh one; transcoders
-(``hook_name_out`` different from ``hook_name``) are not supported.
+Differences from SAELens, on purpose: an unknown hook name raises ``KeyError`` listing the valid names
+(SAELens logs a warning and skips); a width mismatch raises ``ValueError`` naming both sizes; removing an SAE
+puts back the model's ORIGINAL ``HookPoint`` object (with any permanent hooks it had) rather than a fresh one;
+transcoders (``hook_name_out`` different from ``hook_name``) are not supported.
 
-``SAESplicingMixin`` is meant to be a base of ``HookedVisionModel`` (``class HookedVisionModel(SAESplicingMixin,
-HookedRootModule)``); it needs from its host only ``hook_dict``, ``setup()``, ``run_with_cache``,
-``run_with_hooks`` and, for token selection, ``token_layout``.
+``SAESplicingMixin`` is meant to be a base of ``HookedVisionModel``
+(``class HookedVisionModel(SAESplicingMixin, HookedRootModule)``); it needs from its host only ``hook_dict``,
+``setup()``, ``run_with_cache``, ``run_with_hooks`` and, for token selection, ``token_layout``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from sae_vision_ext.analysis.tokens import TokenSelection, check_pooled_selection, token_positions
+from sae_vision_ext.vision.tokens import TokenSelection, check_pooled_selection, token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,14 @@ def sae_hook_name(sae: Any) -> str:
     metadata = getattr(sae.cfg, "metadata", None)
     hook_name = getattr(metadata, "hook_name", None) if metadata is not None else None
     if not hook_name:
-        raise ValueError("the SAE's cfg.metadata.hook_name is not set; set it to the model hook it was trained on")
+        raise ValueError(
+            "the SAE's cfg.metadata.hook_name is not set; set it to the model hook it was trained on"
+        )
     hook_name_out = getattr(metadata, "hook_name_out", None)
     if hook_name_out and hook_name_out != hook_name:
-        raise NotImplementedError("transcoders (hook_name_out != hook_name) are not supported by vision splicing")
+        raise NotImplementedError(
+            "transcoders (hook_name_out != hook_name) are not supported by vision splicing"
+        )
     return hook_name
 
 
@@ -97,10 +101,10 @@ def sae_token_selection(sae: Any) -> TokenSelection:
 
 
 class VisionSAEWrapper(nn.Module):
-    """Stands in for a model ``HookPoint``: runs the SAE at the selected token positions, with optional error term.
+    """Stands in for a model ``HookPoint``: runs the SAE at the selected token positions.
 
-    The SAE lives in ``__dict__`` (not as a submodule) and its hook points are re-attached to this wrapper, so the
-    model's cache names are ``<hook_name>.hook_sae_*`` (no ``.sae.`` level), as in SAELens.
+    The SAE lives in ``__dict__`` (not as a submodule) and its hook points are re-attached to this wrapper, so
+    the model's cache names are ``<hook_name>.hook_sae_*`` (no ``.sae.`` level), as in SAELens.
     """
 
     def __init__(
@@ -174,7 +178,7 @@ class VisionSAEWrapper(nn.Module):
 
 
 class SAESplicingMixin:
-    """Adds SAELens-style SAE splicing to a ``HookedRootModule`` whose forward calls its ``HookPoint`` attributes."""
+    """SAELens-style SAE splicing for a ``HookedRootModule`` whose forward calls its ``HookPoint``s."""
 
     def _spliced_saes(self) -> dict[str, VisionSAEWrapper]:
         wrappers = self.__dict__.get("_vision_sae_wrappers")
@@ -193,7 +197,7 @@ class SAESplicingMixin:
         return self._spliced_saes().get(hook_name)
 
     def add_sae(self, sae: Any, use_error_term: bool | None = None, tokens: TokenSelection = None) -> None:
-        """Attach ``sae`` at ``sae.cfg.metadata.hook_name`` until :meth:`reset_saes` (replaces an SAE already there).
+        """Attach ``sae`` at ``sae.cfg.metadata.hook_name`` until :meth:`reset_saes` (replacing one there).
 
         ``use_error_term``: ``None`` keeps ``sae.use_error_term``. ``tokens``: positions to apply the SAE at;
         ``None`` uses ``sae.cfg.metadata.token_selection`` (itself ``None`` = all positions).
@@ -211,7 +215,9 @@ class SAESplicingMixin:
             original = hook_dict[hook_name]
         self._check_width(sae, hook_name)
         self._check_model_name(sae)
-        effective_error_term = use_error_term if use_error_term is not None else bool(getattr(sae, "use_error_term", False))
+        effective_error_term = (
+            use_error_term if use_error_term is not None else bool(getattr(sae, "use_error_term", False))
+        )
         selection = tokens if tokens is not None else sae_token_selection(sae)
         wrapper = VisionSAEWrapper(
             sae,
@@ -256,7 +262,7 @@ class SAESplicingMixin:
             set_deep_attr(self, hook_name, wrapper.original_hook)
 
     def reset_saes(self, act_names: str | Sequence[str] | None = None) -> None:
-        """Remove the SAEs at ``act_names`` (all of them when ``None``), restoring the original hook points."""
+        """Remove the SAEs at ``act_names`` (all when ``None``), restoring the original hook points."""
         if isinstance(act_names, str):
             act_names = [act_names]
         elif act_names is None:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformer_lens.hook_points import HookPoint
 
-from sae_vision_ext.analysis.splice import SAESplicingMixin
 from sae_vision_ext.analysis.toy import make_sae, synthetic_images, tiny_clip, tiny_timm_vit
+from sae_vision_ext.vision.splice import SAESplicingMixin
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -37,14 +37,19 @@ def test_error_term_keeps_output_and_exposes_sae_hooks(clip):
         try:
             assert model.acts_to_saes == {HOOK: sae}
             assert HOOK not in model.hook_dict
-            names = {f"{HOOK}.{n}" for n in ("hook_sae_input", "hook_sae_acts_post", "hook_sae_error", "hook_sae_output")}
+            names = {
+                f"{HOOK}.{n}"
+                for n in ("hook_sae_input", "hook_sae_acts_post", "hook_sae_error", "hook_sae_output")
+            }
             assert names <= set(model.hook_dict)
             out, cache = model.run_with_cache(images)
             torch.testing.assert_close(out, baseline, atol=1e-5, rtol=1e-5)
             assert cache[f"{HOOK}.hook_sae_acts_post"].shape == (3, model.token_layout.n_tokens, 96)
             # error = input - clean reconstruction, output = reconstruction + error
             recon = cache[f"{HOOK}.hook_sae_recons"]
-            torch.testing.assert_close(cache[f"{HOOK}.hook_sae_error"], cache[f"{HOOK}.hook_sae_input"] - recon)
+            torch.testing.assert_close(
+                cache[f"{HOOK}.hook_sae_error"], cache[f"{HOOK}.hook_sae_input"] - recon
+            )
         finally:
             model.reset_saes()
     assert model.hook_dict[HOOK] is original_hook
@@ -135,7 +140,9 @@ def test_intervention_on_latents_passes_through_error_term(clip):
         baseline = model(images)
         ablate_all = [(f"{HOOK}.hook_sae_acts_post", lambda acts, hook: torch.zeros_like(acts))]
         out = model.run_with_hooks(images, fwd_hooks=ablate_all)
-        acts = model.run_with_cache(images, names_filter=[f"{HOOK}.hook_sae_input"])[1][f"{HOOK}.hook_sae_input"]
+        acts = model.run_with_cache(images, names_filter=[f"{HOOK}.hook_sae_input"])[1][
+            f"{HOOK}.hook_sae_input"
+        ]
         expected = _run_reference_ablation(model, sae, images, acts)
     assert (out - baseline).abs().max() > 1e-3
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)

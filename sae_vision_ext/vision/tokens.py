@@ -1,10 +1,11 @@
 """Token positions of a vision transformer's activations, by name.
 
-A token hook's activation is batch-first ``[B, T, d]`` with tokens ordered ``[cls?, registers..., patches...]``
-(see ``TokenLayout``). A selection names which positions an SAE or a steering hook acts on:
+A token hook's activation is batch-first ``[B, T, d]`` with tokens ordered ``[cls?, registers...,
+patches...]`` (see ``TokenLayout``). A selection names which positions an SAE or a steering hook acts on:
 
 - ``"all"`` (also ``None`` and ``"pooled"``): every position;
-- ``"cls"``: ``[0, n_cls)``; ``"registers"``: ``[n_cls, n_cls + n_registers)``; ``"prefix"``: ``[0, n_prefix)``;
+- ``"cls"``: ``[0, n_cls)``; ``"registers"``: ``[n_cls, n_cls + n_registers)``;
+  ``"prefix"``: ``[0, n_prefix)``;
 - ``"patches"``: ``[n_prefix, T)``;
 - several names joined by ``+`` or ``,`` (``"cls+patches"``), a list of names, or a list of integer positions.
 
@@ -62,7 +63,9 @@ def token_positions(layout: Any, selection: TokenSelection, n_tokens: int) -> Te
         n_prefix = int(getattr(layout, "n_prefix", n_cls + n_registers))
         if name == "cls":
             if n_cls == 0:
-                raise ValueError("token selection 'cls' but this model has no CLS token (token_layout.n_cls == 0)")
+                raise ValueError(
+                    "token selection 'cls' but this model has no CLS token (token_layout.n_cls == 0)"
+                )
             chosen.update(range(0, n_cls))
         elif name in ("registers", "register"):
             chosen.update(range(n_cls, n_cls + n_registers))
