@@ -49,8 +49,8 @@ def activation_cache(
     dataset: str = "./photos",
 ) -> None:
     """What ``sae-vision cache`` writes, at tiny scale: ``n_images`` crop-flip views of ``dataset``."""
-    from sae_vision_ext.training.config import VisionSAERunnerConfig
     from sae_vision_ext.training.caching import cache_activations
+    from sae_vision_ext.training.config import VisionSAERunnerConfig
 
     cfg = VisionSAERunnerConfig(
         sae=None,

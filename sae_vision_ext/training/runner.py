@@ -40,7 +40,6 @@ from sae_vision_ext._saelens_compat import build_training_sae, progress_bars_off
 from sae_vision_ext.activations.cache import CachedActivations
 from sae_vision_ext.activations.store import StoppableProvider, TrainingInterrupted
 from sae_vision_ext.saes import register_architectures
-
 from sae_vision_ext.training.checkpoints import (
     STAGING_DIRNAME,
     check_output_free,

@@ -3,8 +3,10 @@ SIGKILLed at random moments, including the first second; re-running the same com
 training) must complete and end bit-identical to an uninterrupted run of the same seed, and a partial cache
 must never read as complete.
 
-The default suite kills each command a few times; the full sweep (``-m slow``, 20+ kills per command) reports
-its figures on stdout (``pytest -m slow -s tests/reliability/test_kill_harness.py``).
+Every test here is ``slow`` (about 2 minutes for the short ones, 20-30 for the sweep): the default suite keeps
+one SIGKILL-then-resume test per command (``tests/training/test_runner.py``, ``tests/reliability/
+test_cache_safety.py``). The short tests kill each command a few times; the full sweep (20+ kills per command)
+reports its figures on stdout (``pytest -m slow -s tests/reliability/test_kill_harness.py``).
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ def kill_moments(rng: random.Random, duration: float, n: int) -> list[float]:
     return [rng.uniform(0.2, 1.0)] + [rng.uniform(0.5, duration * 0.9) for _ in range(n - 1)]
 
 
+@pytest.mark.slow
 def test_killed_cache_resumes_to_the_same_cache(tmp_path, photos, reference_cache):
     reference, duration = reference_cache
     for i, seconds in enumerate(kill_moments(random.Random(0), duration, 2)):
@@ -212,6 +215,7 @@ def reference_run(architecture, cache, candidates, root) -> tuple[Path, float]:
     return out, time.monotonic() - started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["matryoshka_topk"])
 def test_killed_training_resumes_to_the_same_sae(tmp_path, reference_cache, candidates, architecture):
     reference, duration = reference_run(architecture, reference_cache[0], candidates, tmp_path)

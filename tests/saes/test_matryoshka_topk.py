@@ -27,15 +27,6 @@ from sae_vision_ext.saes.matryoshka_topk import (
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: one thread is fastest, and immune to a busy machine's OpenMP barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def step_input(x, logging=False):
     return TrainStepInput(
         sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=logging

@@ -12,14 +12,6 @@ from sae_vision_ext.saes.nested_decode import naive_topk_reconstructions, nested
 PLANS = ("below_plus_band", "above_minus_band", "dense")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: one thread is fastest, and immune to a busy machine's OpenMP barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def per_level(decoded, n_levels):
     """``nested_reconstructions`` returns a reconstruction shared by the top levels once: expand it."""

@@ -22,15 +22,6 @@ TINY_TEXT = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "la
 SLOW = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny inputs gain nothing from threads, and on a loaded 2-core machine idle OpenMP threads spinning
-    against other processes tripled this module's CPU time; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _flip_to_sequence_first(bare):
     """open_clip towers built with transformer.batch_first=False run their blocks on [T, B, d] tensors."""

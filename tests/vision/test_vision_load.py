@@ -28,15 +28,6 @@ TINY = "timm:vit_tiny_patch16_224"
 TINY_TEXT = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny inputs gain nothing from threads, and on a loaded 2-core machine idle OpenMP threads spinning
-    against other processes tripled this module's CPU time; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def tiny():
