@@ -35,3 +35,12 @@ def _restore_signal_handlers():
     for sig, handler in saved.items():
         if signal.getsignal(sig) is not handler:
             signal.signal(sig, handler)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request) -> torch.device:
+    """Each test that takes ``device`` runs on the CPU and, under ``pytest -m cuda``, on the GPU. The default
+    run deselects the CUDA half (the count shows as "deselected"); asking for it without a GPU fails."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.fail("the cuda tests were selected (-m cuda) but torch sees no CUDA device")
+    return torch.device(request.param)

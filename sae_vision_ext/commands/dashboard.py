@@ -19,7 +19,7 @@ from sae_vision_ext.commands._common import (
     parse,
     say,
 )
-from sae_vision_ext.training.config import option
+from sae_vision_ext.training.config import option, resolve_device
 
 DESCRIPTION = """Write <output>/dashboard.html (self-contained: top-activating images with patch heatmaps,
 names, statistics), <output>/fvu_vs_l0.png and <output>/dashboard_summary.json for an SAE folder. The
@@ -54,7 +54,7 @@ class DashboardConfig:
     demo: bool = option(False, help="tiny random CLIP + random SAE on synthetic images (no --sae, --dataset)")
     model_name: str | None = option(None, "--model", help="model spec (None: the one the SAE was trained on)")
     model_weights: str | None = option(None, "--weights", help="weights file (None: the SAE's metadata)")
-    device: str = option("cpu", help="cpu, cuda, cuda:1, mps")
+    device: str = option("auto", help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:1, mps")
     dataset_path: str | None = option(None, "--dataset", help="image folder, saved or hub dataset")
     dataset_split: str = option("train", "--split", help="dataset split")
     synthetic: int = option(0, help="use N synthetic shape images instead of --dataset")
@@ -130,12 +130,16 @@ def load_saes_and_model(cfg: DashboardConfig) -> tuple[list[tuple[str, Any]], An
     if not cfg.sae:
         raise UserError("give --sae PATH (or --demo)")
 
-    saes = [(Path(p).name, load_sae_folder(p, device=cfg.device)) for p in cfg.sae]
+    saes = [(Path(p).name, load_sae_folder(p, device=resolve_device(cfg.device))) for p in cfg.sae]
     spec = cfg.model_name or saes[0][1].cfg.metadata.get("model_name") or ""
     if TINY_CLIP_ARCH in spec:
         register_tiny_clip_config()
     model, preprocess, _ = load_model_for_sae(
-        saes[0][1], device=cfg.device, model_name=cfg.model_name, weights=cfg.model_weights, say=say
+        saes[0][1],
+        device=resolve_device(cfg.device),
+        model_name=cfg.model_name,
+        weights=cfg.model_weights,
+        say=say,
     )
     return saes, model, preprocess
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sae_vision_ext.commands._common import add_config, new_parser, one_line_errors, parse, say, write_json
-from sae_vision_ext.training.config import option
+from sae_vision_ext.training.config import option, resolve_device
 
 DESCRIPTION = """Evaluate a saved SAE folder. With no --dataset / --cache it re-evaluates on the rows its
 training run held out (rebuilt from the run's config: the same rows, so the same numbers as the run's
@@ -46,7 +46,7 @@ class EvalConfig:
         required=False,
         help="Matryoshka SAE: k values to evaluate (default: its trained levels)",
     )
-    device: str = option("cpu", help="cpu, cuda, cuda:1, mps")
+    device: str = option("auto", help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:1, mps")
     num_workers: int = option(0, "--workers", help="DataLoader worker processes decoding images")
     json: str | None = option(None, help="also write the metrics to this JSON file")
     quiet: bool = option(False, help="no progress bars")
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_name=cfg.model_name,
         weights=cfg.model_weights,
         ks=cfg.ks,
-        device=cfg.device,
+        device=resolve_device(cfg.device),
         workers=cfg.num_workers,
         say=say,
         progress=not cfg.quiet,

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sae_vision_ext.commands._common import add_config, new_parser, one_line_errors, parse, say
-from sae_vision_ext.training.config import VisionSAERunnerConfig, option, sae_config_from_dict
+from sae_vision_ext.training.config import VisionSAERunnerConfig, option, resolve_device, sae_config_from_dict
 
 MODEL = "timm:vit_small_patch14_reg4_dinov2.lvd142m"
 
@@ -57,7 +57,7 @@ class QuickstartConfig:
     resume: bool = option(False, help="continue from the latest checkpoint in --output")
     overwrite: bool = option(False, help="replace an earlier quickstart run in --output (else it is refused)")
     seed: int = option(0, help="seed of everything random (SAE init, views, random model weights)")
-    device: str = option("cpu", help="cpu, cuda, mps")
+    device: str = option("auto", help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:1, mps")
     tiny: bool = option(False, help="a seconds-long run (tests): tiny images, few rows")
     quiet: bool = option(False, help="no progress bars")
 
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pretrained=cfg.pretrained,
         seed=cfg.seed,
         say=print,
-        device=cfg.device,
+        device=resolve_device(cfg.device),
         img_size=cfg.img_size,
     )
     if weights["source"] == "random-init":

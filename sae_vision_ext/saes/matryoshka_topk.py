@@ -60,7 +60,7 @@ from typing_extensions import override
 
 from sae_vision_ext._saelens_compat import sae_hooks_disabled
 from sae_vision_ext.saes import register
-from sae_vision_ext.saes.nested_decode import nested_reconstructions
+from sae_vision_ext.saes.nested_decode import DecodePlan, check_decode_plan, nested_reconstructions
 
 ARCHITECTURE_NAME = "matryoshka_topk"
 
@@ -173,6 +173,7 @@ def _validate_common(cfg: MatryoshkaTopKSAEConfig | MatryoshkaTopKTrainingSAECon
         cfg.k_levels = default_k_levels(cfg.d_sae)
     cfg.k_levels = validate_k_levels(cfg.k_levels, cfg.d_sae)
     cfg.inference_k = check_k(cfg.inference_k, cfg.d_sae, "inference_k")
+    check_decode_plan(cfg.decode_plan)
 
 
 @dataclass
@@ -186,11 +187,14 @@ class MatryoshkaTopKSAEConfig(SAEConfig):
             ReLU latents. ``encode(x, k=...)`` overrides it per call.
         standardize_input: the SAE holds buffers ``input_mean`` [d_in] and ``input_scale`` [] and encodes
             (x - input_mean) * input_scale; ``decode`` maps back, so callers pass and get raw activations.
+        decode_plan: how the nested levels are decoded: "auto" (default: per device, measured), "gather" or
+            "dense"; every plan gives the same values (``sae_vision_ext.saes.nested_decode``).
     """
 
     k_levels: list[int] | None = None
     inference_k: int | None = None
     standardize_input: bool = False
+    decode_plan: DecodePlan = "auto"
 
     @override
     @classmethod
@@ -219,6 +223,8 @@ class MatryoshkaTopKTrainingSAEConfig(TrainingSAEConfig):
             paper: the mean norm becomes sqrt(d)) or "mean_squared_norm" s = sqrt(d) / E||x - mu||^2 (the
             authors' code). The old spellings "paper" and "authors_code" are read as these two.
         decoder_init_norm: tied initialisation W_enc = W_dec^T with rows of this norm (0.1).
+        decode_plan: see ``MatryoshkaTopKSAEConfig``; set "gather" or "dense" for bit-exact resumes on a GPU
+            ("auto" measures the plans again in a new process and may pick the other one).
     """
 
     k_levels: list[int] | None = None
@@ -228,6 +234,7 @@ class MatryoshkaTopKTrainingSAEConfig(TrainingSAEConfig):
     inference_k: int | None = None
     standardize_input: bool = False
     standardize_scale: StandardizeScale = "mean_norm"
+    decode_plan: DecodePlan = "auto"
 
     @override
     @classmethod
@@ -471,7 +478,8 @@ class _MatryoshkaTopKBase(SAE[Any]):
         z = F.relu(self._hidden_pre(prepared.reshape(-1, self.cfg.d_in)))
         decoder, row_norms = self._decoder_and_row_norms()
         distinct = sorted({self.cfg.d_sae if k is None else k for k in ks})
-        decoded = nested_reconstructions(z, decoder, distinct, scores=self._topk_scores(z, row_norms))
+        scores = self._topk_scores(z, row_norms)
+        decoded = nested_reconstructions(z, decoder, distinct, scores=scores, plan=self.cfg.decode_plan)
         decoded = _per_level(decoded, len(distinct))
         stacked = self._unstandardize(torch.stack(decoded) + self.b_dec)
         # one call: SAELens's run-time normalisers keep per-call state that a second call would miss
@@ -581,7 +589,8 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKBase, TrainingSAE[MatryoshkaTopKT
         levels = self.cfg.k_levels
         # the levels at or above the batch's largest number of positive latents share one decode: the
         # decode returns it once, so its loss is computed once
-        decoded = nested_reconstructions(z, decoder, levels, scores=self._topk_scores(z, row_norms))
+        scores = self._topk_scores(z, row_norms)
+        decoded = nested_reconstructions(z, decoder, levels, scores=scores, plan=self.cfg.decode_plan)
         distinct_recons = [self.hook_sae_recons(y + self.b_dec) for y in decoded]
         recons = _per_level(distinct_recons, len(levels))
         losses_per_level = _per_level(self.level_losses(distinct_recons, target), len(levels))

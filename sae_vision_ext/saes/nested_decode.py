@@ -20,12 +20,21 @@ calls). :func:`nested_reconstructions` gives the same values and gradients while
   gradients into the dense gradient in place instead of through a dense scatter.
 
 Which plan a level gets is decided in ONE place, :func:`_plan_levels`, by a cost model (``GATHER_COST``,
-``DENSE_LEVEL_COST``) measured on a CPU. Every plan is exact, so the costs only change speed; a per-device
-calibration or a switch forcing one plan belongs in that function.
+``DENSE_LEVEL_COST``). Every plan is exact (the same values and gradients up to float rounding), so the plan
+only changes speed. The ``plan`` argument (the SAE config's ``decode_plan``) picks how:
+
+- ``"gather"``: the cost model with the CPU constants above (gathered bands wherever they are cheaper); it
+  reads the batch's positive-latent counts on the host, one device sync per call;
+- ``"dense"``: every level below d_sae is one masked dense decode (h matmuls, no device sync at all);
+- ``"auto"`` (default): ``"gather"`` on a CPU (the constants were measured there, and a fixed rule keeps
+  resumed runs bit-exact); on any other device the first call at a shape times both plans on that very batch
+  (forward and backward, :func:`calibrate_plan`) and the faster one is used for that device, dtype and shape
+  from then on (:data:`CALIBRATED_PLANS`, one process).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -46,6 +55,10 @@ DECODE_TILE_WIDTH = 64
 TILE_BYTES = 3 * 2**20
 
 LevelPlan = Literal["below_plus_band", "above_minus_band", "dense"]
+DecodePlan = Literal["auto", "gather", "dense"]
+DECODE_PLANS: tuple[str, ...] = ("auto", "gather", "dense")
+# "auto" off the CPU: the plan measured fastest, by (device, dtype, rows, latents, width, ks)
+CALIBRATED_PLANS: dict[tuple, str] = {}
 
 
 def naive_topk_reconstructions(
@@ -65,11 +78,18 @@ def naive_topk_reconstructions(
     return outputs
 
 
+def check_decode_plan(plan: str) -> str:
+    if plan not in DECODE_PLANS:
+        raise ValueError(f"decode_plan must be one of {', '.join(DECODE_PLANS)}, got {plan!r}")
+    return plan
+
+
 def nested_reconstructions(
     acts: torch.Tensor,
     decoder: torch.Tensor,
     k_levels: Sequence[int],
     scores: torch.Tensor | None = None,
+    plan: DecodePlan = "auto",
 ) -> list[torch.Tensor]:
     """``naive_topk_reconstructions(acts, decoder, k_levels, scores)``, sharing work between the levels.
 
@@ -78,6 +98,7 @@ def nested_reconstructions(
         decoder: [n, d] decoder rows.
         k_levels: strictly increasing ks in [1, n].
         scores: [B, n] ranking of the latents for the top-k sets (default: ``acts``).
+        plan: ``"auto"``, ``"gather"`` or ``"dense"`` (module docstring).
 
     Returns:
         The reconstructions (no bias) of the first m levels, m <= h. Each level after them equals the last one
@@ -89,25 +110,33 @@ def nested_reconstructions(
     n_rows, n_latents = acts.shape
     if n_rows == 0:
         return [acts.new_zeros(0, decoder.shape[-1])]
+    if check_decode_plan(plan) == "auto":
+        plan = "gather" if acts.device.type == "cpu" else calibrate_plan(acts, decoder, levels, scores)
     with torch.no_grad():
         positive = acts > 0
-        counts = positive.sum(-1, dtype=torch.int32)  # an int32 sum of bools is ~8x faster than int64
-        max_active = int(counts.max())
-    partial = [k for k in levels if k < max_active]
+        if plan == "dense":  # no host sync: every level below n is decoded, even one that equals the full
+            partial, counts = [k for k in levels if k < n_latents], None
+        else:
+            # one device sync: the positive counts decide which levels are partial and how to build them
+            counts = positive.sum(-1, dtype=torch.int32).cpu()  # an int32 sum of bools is ~8x faster
+            partial = [k for k in levels if k < int(counts.max())]
     if not partial:
         return [acts @ decoder]
     full_needed = len(partial) < len(levels)
-    plan = _plan_levels(partial, counts, n_latents, full_available=full_needed)
+    if counts is None:
+        plan_of_level: list[LevelPlan] = ["dense"] * len(partial)
+    else:
+        plan_of_level = _plan_levels(partial, counts, n_latents, full_available=full_needed)
 
     with torch.no_grad():
-        sets, bands = _nested_topk_sets(acts if scores is None else scores, partial, plan)
+        sets, bands = _nested_topk_sets(acts if scores is None else scores, partial, plan_of_level)
 
     def mask_of(k: int) -> torch.Tensor:
         return torch.zeros_like(positive).scatter_(-1, sets[k], True)
 
     # every gathered band (of "below_plus_band" and "above_minus_band" levels) goes through one _GatherDecode
-    added = [i for i, how in enumerate(plan) if how == "below_plus_band"]
-    subtracted = [i for i, how in enumerate(plan) if how == "above_minus_band"]
+    added = [i for i, how in enumerate(plan_of_level) if how == "below_plus_band"]
+    subtracted = [i for i, how in enumerate(plan_of_level) if how == "above_minus_band"]
     rows, cols, sizes = [], [], []
     with torch.no_grad():
         if added:
@@ -128,7 +157,7 @@ def nested_reconstructions(
             flat_rows, flat_cols, bag_sizes = torch.cat(rows), torch.cat(cols), torch.cat(sizes)
             offsets = torch.cat([bag_sizes.new_zeros(1), bag_sizes.cumsum(0)[:-1]])
         positions = flat_rows * n_latents + flat_cols
-        full, out = _GatherDecode.apply(acts, decoder, positions, flat_cols, offsets, full_needed)
+        full, out = _gather_decode_autocast(acts, decoder, positions, flat_cols, offsets, full_needed)
         d = decoder.shape[-1]
         added_out, subtracted_out = out.split([n_rows * len(added), n_rows * len(subtracted)])
         decoded = list(added_out.view(n_rows, len(added), d).unbind(1))
@@ -139,14 +168,55 @@ def nested_reconstructions(
 
     outputs: dict[int, torch.Tensor] = {}
     for i, k in enumerate(partial):  # bottom-up: levels built from the one below, and dense levels
-        if plan[i] == "below_plus_band":
+        if plan_of_level[i] == "below_plus_band":
             outputs[k] = decoded_band[i] if i == 0 else outputs[partial[i - 1]] + decoded_band[i]
-        elif plan[i] == "dense":
+        elif plan_of_level[i] == "dense":
             outputs[k] = (acts * mask_of(k)) @ decoder
     for i in reversed(subtracted):  # top-down: levels built from the one above
         upper = outputs[partial[i + 1]] if i + 1 < len(partial) else full
         outputs[partial[i]] = upper - decoded_band[i]
     return [outputs[k] for k in partial] + ([full] if full_needed else [])
+
+
+def calibrate_plan(
+    acts: torch.Tensor,
+    decoder: torch.Tensor,
+    k_levels: Sequence[int],
+    scores: torch.Tensor | None = None,
+    repeats: int = 3,
+) -> str:
+    """The faster of ``"gather"`` and ``"dense"`` for this device, dtype and shape, timed on this batch.
+
+    Each plan runs a forward and a backward (on detached copies, so the caller's graph is untouched) once to
+    warm up, then ``repeats`` times; the median decides. Cached in :data:`CALIBRATED_PLANS`, so the cost is
+    paid once per shape (a few decodes: well under a second at the paper's sizes on a GPU).
+    """
+    key = (str(acts.device), acts.dtype, *acts.shape, decoder.shape[-1], tuple(k_levels))
+    if key not in CALIBRATED_PLANS:
+        seconds = {p: _time_plan(p, acts, decoder, k_levels, scores, repeats) for p in ("gather", "dense")}
+        CALIBRATED_PLANS[key] = min(seconds, key=seconds.__getitem__)
+    return CALIBRATED_PLANS[key]
+
+
+def _time_plan(plan, acts, decoder, k_levels, scores, repeats) -> float:
+    acts = acts.detach().requires_grad_(True)
+    decoder = decoder.detach().requires_grad_(True)
+    scores = None if scores is None else scores.detach()
+    times = []
+    with torch.enable_grad():  # also when the caller decodes under no_grad (inference)
+        for _ in range(repeats + 1):
+            _synchronize(acts.device)
+            start = time.perf_counter()
+            outputs = nested_reconstructions(acts, decoder, k_levels, scores, plan=plan)
+            torch.stack([y.sum() for y in outputs]).sum().backward()
+            _synchronize(acts.device)
+            times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _plan_levels(
@@ -235,6 +305,23 @@ def _gather_decode(
     return _GatherDecode.apply(weights, decoder, positions, indices, offsets, False)[1]
 
 
+def _gather_decode_autocast(acts, decoder, positions, indices, offsets, with_full):
+    """:class:`_GatherDecode` under autocast: its matmuls and bag sums run in the autocast dtype (bf16 in a
+    SAELens mixed-precision step) on inputs cast to it before the Function, so the casts' own backward
+    returns float32 gradients to float32 weights; the Function itself never sees mixed dtypes."""
+    device_type = acts.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _GatherDecode.apply(
+                acts.to(dtype), decoder.to(dtype), positions, indices, offsets, with_full
+            )
+    if acts.dtype != decoder.dtype:
+        dtype = torch.promote_types(acts.dtype, decoder.dtype)
+        acts, decoder = acts.to(dtype), decoder.to(dtype)
+    return _GatherDecode.apply(acts, decoder, positions, indices, offsets, with_full)
+
+
 def _tile_width(table: torch.Tensor) -> int:
     """Widest power-of-two tile up to DECODE_TILE_WIDTH whose rows fit in TILE_BYTES (table width if 0)."""
     rows, width = table.shape
@@ -289,16 +376,22 @@ class _GatherDecode(torch.autograd.Function):
         if need_acts:
             # grad_weights[e] = grad_bands[bag(e)] . decoder[indices[e]]: a matmul sampled at the entries
             crow = torch.cat([offsets, offsets.new_tensor([n_entries])])
+            # sampled_addmm takes float32 / float64 only: bf16 / fp16 products accumulate in float32
+            dot_dtype = weights.dtype if weights.dtype in (torch.float32, torch.float64) else torch.float32
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
                 dots = torch.sparse_csr_tensor(
-                    crow, indices, weights.new_zeros(n_entries), (n_bags, n_latents), check_invariants=False
+                    crow,
+                    indices,
+                    weights.new_zeros(n_entries, dtype=dot_dtype),
+                    (n_bags, n_latents),
+                    check_invariants=False,
                 )
                 for g, d in zip(grad_tiles, decoder_tiles):  # accumulate in place: no copy of the pattern
-                    torch.sparse.sampled_addmm(dots, g, d.t(), beta=1.0, out=dots)
+                    torch.sparse.sampled_addmm(dots, g.to(dot_dtype), d.t().to(dot_dtype), beta=1.0, out=dots)
             if grad_acts is None:
                 grad_acts = torch.zeros_like(acts)
-            grad_acts.view(-1).index_add_(0, positions, dots.values())
+            grad_acts.view(-1).index_add_(0, positions, dots.values().to(acts.dtype))
         if need_decoder:
             # grad_decoder[j] = sum_{e: indices[e] = j} weights[e] * grad_bands[bag(e)]: a bag sum per latent;
             # sorting the narrowest integer type that holds the latent ids is the cheapest (int16: 2x int32)
@@ -316,4 +409,10 @@ class _GatherDecode(torch.autograd.Function):
         return grad_acts, grad_decoder, None, None, None, None
 
 
-__all__ = ["nested_reconstructions", "naive_topk_reconstructions"]
+__all__ = [
+    "DECODE_PLANS",
+    "calibrate_plan",
+    "check_decode_plan",
+    "naive_topk_reconstructions",
+    "nested_reconstructions",
+]

@@ -40,6 +40,16 @@ def option(default: Any, *aliases: str, help: str = "", cmd: bool = True, **argp
     return _simple_parsing_field(alias=list(aliases) or None, help=help, cmd=cmd, **argparse_kwargs)
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``; any other device as given."""
+    if device != "auto":
+        return device
+    # heavy: torch is imported when a config is built, so `sae-vision <command> --help` stays instant
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _logging_config(**kwargs: Any):
     # heavy: SAELens is imported when a config is built, so `sae-vision <command> --help` stays instant
     from sae_lens.config import LoggingConfig
@@ -171,13 +181,14 @@ class VisionSAERunnerConfig:
 
     # misc
     seed: int = option(42, help="seed of the SAE init, data order, augmentation and random model weights")
-    device: str = option("cpu", help="cpu, cuda, cuda:1, mps")
+    device: str = option("auto", help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:1, mps")
     dtype: str = option("float32", help="SAE dtype")
     logger: Any = option(None, cmd=False)
     verbose: bool = option(True, cmd=False)
 
     def __post_init__(self):
         check_field_types(self)
+        self.device = resolve_device(self.device)
         if isinstance(self.sae, dict):
             self.sae = sae_config_from_dict(self.sae)
         if self.logger is None:

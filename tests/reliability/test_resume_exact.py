@@ -61,18 +61,17 @@ def interrupt_at_step(monkeypatch, step: int) -> None:
 
 
 @pytest.mark.parametrize("architecture", ["topk", "matryoshka_topk", "ra_sae"])
-def test_resume_after_interruption_is_bit_exact(tmp_path, monkeypatch, architecture):
+def test_resume_after_interruption_is_bit_exact(tmp_path, monkeypatch, architecture, device):
     sae = sae_section(architecture, tmp_path)
-    reference = train(tiny_config(tmp_path / "reference", sae=sae, training_rows=ROWS, n_checkpoints=2))
+    # the SAE trains on the device; the shared tiny vision model stays on the CPU
+    settings = dict(sae=sae, training_rows=ROWS, n_checkpoints=2, device=str(device), model_device="cpu")
+    reference = train(tiny_config(tmp_path / "reference", **settings))
     with monkeypatch.context() as patch:
         interrupt_at_step(patch, 5)
-        stopped = train(tiny_config(tmp_path / "run", sae=sae, training_rows=ROWS, n_checkpoints=2))
+        stopped = train(tiny_config(tmp_path / "run", **settings))
     assert stopped.interrupted and stopped.n_training_rows == 5 * 64
-    resumed = train(
-        tiny_config(
-            tmp_path / "run", sae=sae, training_rows=ROWS, n_checkpoints=2, resume_from_checkpoint="latest"
-        )
-    )
+    resumed = train(tiny_config(tmp_path / "run", **settings, resume_from_checkpoint="latest"))
+    assert next(resumed.sae.parameters()).device.type == device.type
     assert resumed.n_training_rows == reference.n_training_rows == ROWS
     expected, got = reference.sae.state_dict(), resumed.sae.state_dict()
     assert expected.keys() == got.keys()

@@ -124,6 +124,40 @@ def test_loss_and_gradients_match_h_dense_decodes(monkeypatch, options, bias_shi
         assert torch.allclose(g_fast, g_ref, rtol=1e-5, atol=1e-7), (g_fast - g_ref).abs().max()
 
 
+@pytest.mark.parametrize("plan", ["auto", "gather", "dense"])
+def test_training_step_on_the_device_matches_the_reference_for_each_decode_plan(device, plan):
+    sae = make_training_sae(dtype="float64", device=str(device), decode_plan=plan, level_weighting="reverse")
+    randomize(sae.cpu())
+    sae.to(device)
+    x = (torch.randn(40, 12, dtype=torch.float64) * 1.5 + 0.3).to(device)
+    sae.set_decoder_norm_to_unit_norm()
+    out = sae.training_forward_pass(step_input(x))
+    ref, _ = reference_loss(sae, x)
+    assert out.loss.device.type == device.type
+    assert torch.allclose(out.loss, ref, rtol=1e-6)
+    for g_fast, g_ref in zip(grads(sae, out.loss), grads(sae, ref)):
+        assert torch.allclose(g_fast, g_ref, rtol=1e-5, atol=1e-8)
+
+
+def test_bfloat16_autocast_step_keeps_float32_weights_and_the_float32_loss(device):
+    """SAELens trains mixed precision with ``torch.autocast`` around the step and float32 master weights."""
+    sae = make_training_sae(device=str(device), level_weighting="reverse").to(device)
+    x = torch.randn(64, 12, device=device)
+    sae.set_decoder_norm_to_unit_norm()
+    full = sae.training_forward_pass(step_input(x)).loss
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        mixed = sae.training_forward_pass(step_input(x)).loss
+    mixed.backward()
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in sae.parameters())
+    assert torch.isfinite(mixed) and abs(mixed.item() - full.item()) <= 0.05 * full.item()
+
+
+def test_unknown_decode_plan_fails_at_config_time():
+    with pytest.raises(ValueError, match="decode_plan must be one of auto, gather, dense"):
+        MatryoshkaTopKTrainingSAEConfig(d_in=4, d_sae=8, k_levels=[2, 8], decode_plan="fastest")
+
+
 def test_float32_gradients_match_reference():
     sae = make_training_sae(d_in=24, d_sae=256, k_levels=[4, 16, 64, 128, 256], level_weighting="reverse")
     randomize(sae, scale=0.05)

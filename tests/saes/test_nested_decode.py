@@ -12,7 +12,6 @@ from sae_vision_ext.saes.nested_decode import naive_topk_reconstructions, nested
 PLANS = ("below_plus_band", "above_minus_band", "dense")
 
 
-
 def per_level(decoded, n_levels):
     """``nested_reconstructions`` returns a reconstruction shared by the top levels once: expand it."""
     assert 1 <= len(decoded) <= n_levels
@@ -51,12 +50,12 @@ def all_valid_plans(m):
             yield list(plan)
 
 
-def test_every_decode_plan_gives_the_same_levels_and_gradients(monkeypatch):
+def test_every_decode_plan_gives_the_same_levels_and_gradients(monkeypatch, device):
     torch.manual_seed(5)
-    pre = torch.randn(21, 40, dtype=torch.float64)
-    decoder = torch.randn(40, 6, dtype=torch.float64)
+    pre = torch.randn(21, 40, dtype=torch.float64, device=device)
+    decoder = torch.randn(40, 6, dtype=torch.float64, device=device)
     levels = [3, 7, 15, 40]  # about 20 of 40 latents are positive: 3, 7 and 15 are partial levels
-    weights = torch.randn(len(levels), 21, 6, dtype=torch.float64)
+    weights = torch.randn(len(levels), 21, 6, dtype=torch.float64, device=device)
 
     def objective(fn):
         p = pre.clone().requires_grad_()
@@ -134,3 +133,73 @@ def test_decode_planner_prefers_gathers_for_narrow_bands_and_subtracting_from_ab
     counts = torch.full((8,), 3100)
     plan = nested_decode._plan_levels([64, 128, 256, 512, 1024, 2048], counts, 6144, full_available=True)
     assert plan[0] == "below_plus_band" and plan[-1] == "dense"
+
+
+def _levels_and_gradients(plan, pre, decoder, levels, weights):
+    """Levels and the gradients of a weighted sum of them, in ``pre`` (before the ReLU: which zero latents a
+    top-k picks in a row short of positives is arbitrary, and the ReLU gives them no gradient) and the
+    decoder."""
+    p = pre.clone().requires_grad_()
+    d = decoder.clone().requires_grad_()
+    if plan == "naive":
+        outs = naive_topk_reconstructions(F.relu(p), d, levels)
+    else:
+        outs = per_level(nested_reconstructions(F.relu(p), d, levels, plan=plan), len(levels))
+    total = sum((w * o).sum() for w, o in zip(weights, outs))
+    return [o.detach() for o in outs] + list(torch.autograd.grad(total, (p, d)))
+
+
+@pytest.mark.parametrize("plan", ["auto", "gather", "dense"])
+def test_each_decode_plan_switch_matches_the_specification_on_the_device(device, plan):
+    torch.manual_seed(8)
+    pre = torch.randn(19, 48, dtype=torch.float64, device=device) - 0.3
+    pre[0] = -1.0  # a row with no positive latent
+    decoder = torch.randn(48, 5, dtype=torch.float64, device=device)
+    levels = [2, 6, 12, 24, 48]
+    weights = torch.randn(len(levels), 19, 5, dtype=torch.float64, device=device)
+    expected = _levels_and_gradients("naive", pre, decoder, levels, weights)
+    for a, b in zip(_levels_and_gradients(plan, pre, decoder, levels, weights), expected):
+        assert a.device == device
+        assert torch.allclose(a, b, atol=1e-10), plan
+
+
+def test_dense_plan_reads_nothing_back_from_the_device(monkeypatch):
+    """The dense plan decides nothing from the data, so it never moves a tensor to the host."""
+    acts = F.relu(torch.randn(8, 20))
+    decoder = torch.randn(20, 4)
+
+    def no_host_copy(self, *args, **kwargs):
+        raise AssertionError("the dense plan copied a tensor to the host")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", no_host_copy)
+    monkeypatch.setattr(torch.Tensor, "item", no_host_copy)
+    monkeypatch.setattr(torch.Tensor, "tolist", no_host_copy)
+    assert len(nested_reconstructions(acts, decoder, [2, 5, 20], plan="dense")) == 3
+
+
+def test_auto_is_the_cpu_planner_on_a_cpu_and_calibration_times_both_plans_once(monkeypatch):
+    acts = F.relu(torch.randn(16, 64))
+    decoder = torch.randn(64, 8)
+    levels = [2, 4, 8, 64]
+    auto = nested_reconstructions(acts, decoder, levels)
+    gather = nested_reconstructions(acts, decoder, levels, plan="gather")
+    assert all(torch.equal(a, b) for a, b in zip(auto, gather))
+    assert not nested_decode.CALIBRATED_PLANS  # a CPU follows the fixed rule: nothing was timed
+
+    timed = []
+    real_time_plan = nested_decode._time_plan
+    monkeypatch.setattr(nested_decode, "CALIBRATED_PLANS", {})
+    monkeypatch.setattr(
+        nested_decode, "_time_plan", lambda plan, *a: timed.append(plan) or real_time_plan(plan, *a)
+    )
+    with torch.no_grad():  # calibration also works where the caller decodes without a graph
+        chosen = nested_decode.calibrate_plan(acts, decoder, levels)
+        again = nested_decode.calibrate_plan(acts, decoder, levels)
+    assert chosen == again and chosen in ("gather", "dense")
+    assert sorted(timed) == ["dense", "gather"]  # each plan timed once; the second call used the cache
+    assert acts.grad is None and decoder.grad is None
+
+
+def test_unknown_decode_plan_is_refused_by_name():
+    with pytest.raises(ValueError, match="decode_plan must be one of auto, gather, dense, got 'fast'"):
+        nested_reconstructions(torch.ones(2, 4), torch.ones(4, 3), [1, 4], plan="fast")

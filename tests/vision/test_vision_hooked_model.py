@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sae_vision_ext.activations.sample_images import sample_images
+from sae_vision_ext.activations.source import ImageActivationSource
 from sae_vision_ext.vision.hooked_vision_model import UnknownHookError
 from sae_vision_ext.vision.load import load_vision_model, wrap_model
 
@@ -367,3 +368,29 @@ def test_siglip2_full_text_tower():
         assert torch.equal(out, model.model.encode_image(images))
         text = model.encode_text(torch.randint(0, 1000, (2, 64)))
     assert text.shape == out.shape == (2, 768)
+
+
+# ---------------------------------------------------------------------------------------------- devices
+@pytest.mark.parametrize("spec", ["timm:vit_tiny_patch16_224", "open_clip:ViT-B-32/laion2b_s34b_b79k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_on_the_device_in_its_dtype_the_output_is_the_bare_models_and_rows_arrive_in_float32(
+    device, spec, dtype
+):
+    kwargs = {"text_cfg": TINY_TEXT} if spec.startswith("open_clip") else {}
+    torch.manual_seed(0)
+    model, preprocess = load_vision_model(spec, pretrained=False, img_size=32, device=str(device), **kwargs)
+    model = model.to(device, dtype).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    with torch.no_grad():
+        bare_out = bare_forward(model, images)
+        out, cache = model.run_with_cache(images)
+    assert torch.equal(out, bare_out) and out.device.type == device.type
+    hook = "blocks.1.hook_resid_post" if spec.startswith("timm") else "blocks.5.hook_resid_post"
+    assert cache[hook].dtype == dtype  # captured in the model's dtype, on its device
+
+    source = ImageActivationSource(
+        model, preprocess, sample_images(2), hook, token_selection="all", shuffle=False
+    )
+    rows = source.activations(images)[hook]
+    assert rows.dtype == torch.float32 and rows.device.type == "cpu"  # handed over in the SAE's dtype
+    assert torch.equal(rows, cache[hook].reshape(-1, cache[hook].shape[-1]).float().cpu())
