@@ -72,10 +72,10 @@ RELEASES: dict[str, VisionRelease] = {
             release="ra-sae-dinov2-vitb14-reg-32k",
             repo_id="matybohacek/RA-SAE-DINOv2-32k",
             model="timm:vit_base_patch14_reg4_dinov2.lvd142m",
-            hook_name="blocks.11.hook_resid_post",
+            hook_name="hook_normed",  # DINOv2 tokens after the final LayerNorm, as the release was trained
             conversion_func=OVERCOMPLETE_LOADER,
             saes={"32k": "RA-SAE-DINOv2-32k.pth"},
-            metadata={"token_selection": "all", "input_transform": "final_layer_norm"},
+            metadata={"token_selection": "all"},
             paper="arXiv:2502.12892",
         ),
     )

@@ -23,6 +23,9 @@ Hook names (token hooks are always batch-first ``[B, T, d_model]``, whatever the
 - ``blocks.{i}.hook_resid_pre|hook_attn_out|hook_resid_mid|hook_mlp_out|hook_resid_post`` as above.
   Blocks whose class the wrapper does not know are run whole and expose only ``hook_resid_pre`` and
   ``hook_resid_post``.
+- ``hook_normed``: ``[B, T, d_model]`` every token after the final norm (timm's ``norm``, CLIP's ``ln_post``),
+  before pooling: what DINOv2 users call its output tokens. Only where the library norms the tokens before
+  pooling (every timm tower; open_clip ViTs without attention pooling or ``final_ln_after_pool``).
 - ``hook_pooled``: ``[B, d]`` after the final norm and pooling (CLS token, mean, or attention pool),
   before any projection or classifier head.
 - ``hook_image_embed`` (CLIP / SigLIP only): ``[B, d_embed]`` the joint image-text embedding
@@ -207,6 +210,8 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
             BlockHooks(BLOCK_HOOKS_COARSE if kind == "opaque" else BLOCK_HOOKS_FULL)
             for kind in self._block_kinds
         )
+        if self.has_normed:
+            self.hook_normed = HookPoint()
         self.hook_pooled = HookPoint()
         if self.has_image_embed:
             self.hook_image_embed = HookPoint()
@@ -231,6 +236,11 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
     @property
     def has_image_embed(self) -> bool:
         return self.family in ("clip", "siglip")
+
+    @property
+    def has_normed(self) -> bool:
+        """Whether the library norms every token before pooling (then ``hook_normed`` exists)."""
+        return True
 
     def _library_blocks(self) -> Sequence[nn.Module]:
         raise NotImplementedError
@@ -296,6 +306,8 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
         for i, hooks in enumerate(self.blocks):
             for name in hooks.hook_names:
                 widths[f"blocks.{i}.{name}"] = self.cfg.d_model
+        if self.has_normed:
+            widths["hook_normed"] = self.cfg.d_model
         widths["hook_pooled"] = self.cfg.d_pooled
         if self.has_image_embed:
             widths["hook_image_embed"] = self.cfg.d_image_embed
@@ -438,7 +450,7 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
             names = [names_filter] if isinstance(names_filter, str) else names_filter
             for name in names:
                 layer = _layer_of(name)
-                unreachable = name in ("hook_pooled", "hook_image_embed") or (
+                unreachable = name in ("hook_normed", "hook_pooled", "hook_image_embed") or (
                     layer is not None and layer >= stop
                 )
                 if unreachable:

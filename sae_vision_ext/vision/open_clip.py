@@ -57,7 +57,7 @@ class OpenClipHookedVisionModel(HookedVisionModel):
             check_timm_trunk(visual.trunk)
             self_kind = "timm"
         elif isinstance(visual, VisionTransformer):
-            for method in ("forward", "_embeds", "_pool"):
+            for method in ("forward", "_embeds", "_pool", "_global_pool"):
                 if getattr(type(visual), method) is not getattr(VisionTransformer, method):
                     raise NotImplementedError(f"{type(visual).__name__} overrides VisionTransformer.{method}")
             if type(visual.transformer).forward is not Transformer.forward:
@@ -165,15 +165,25 @@ class OpenClipHookedVisionModel(HookedVisionModel):
         visual = self.visual
         if self._tower_kind == "timm":
             trunk = visual.trunk
-            pooled = self.hook_pooled(timm_pool(trunk, x))
+            pooled = self.hook_pooled(timm_pool(trunk, x, self.hook_normed))
             out = visual.head(trunk.head(trunk.head_drop(pooled)))
             return self.hook_image_embed(out)
-        pooled, tokens = visual._pool(x)
+        if self.has_normed:  # open_clip's _pool for this layout, with the normed tokens hooked
+            pooled, tokens = visual._global_pool(self.hook_normed(visual.ln_post(x)))
+        else:
+            pooled, tokens = visual._pool(x)
         pooled = self.hook_pooled(pooled)
         if visual.proj is not None:
             pooled = pooled @ visual.proj
         pooled = self.hook_image_embed(pooled)
         return (pooled, tokens) if visual.output_tokens else pooled
+
+    @property
+    def has_normed(self) -> bool:
+        visual = self.visual
+        if self._tower_kind == "timm":
+            return True
+        return visual.attn_pool is None and not getattr(visual, "final_ln_after_pool", False)
 
     def _token_layout(self):
         visual = self.visual

@@ -7,7 +7,7 @@ DeiT-3 (``token`` / ``avg`` pooling, fc_norm, norm_pre). The forward mirrors tim
 
     x = patch_drop(_pos_embed(patch_embed(images)))   -> hook_embed
     x = norm_pre(x)                                   -> blocks.0.hook_resid_pre
-    x = blocks(x); x = norm(x)
+    x = blocks(x); x = norm(x)                        -> hook_normed
     pooled = fc_norm(pool(x))                         -> hook_pooled
     out = head(head_drop(pooled))                     -> hook_image_embed (CLIP / SigLIP)
 
@@ -15,6 +15,8 @@ The timm trunk helpers are shared with open_clip's ``TimmModel`` towers (SigLIP 
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
@@ -61,9 +63,9 @@ def timm_embed(trunk: nn.Module, images: Tensor) -> Tensor:
     return trunk.patch_drop(x)
 
 
-def timm_pool(trunk: nn.Module, x: Tensor) -> Tensor:
-    """``fc_norm(pool(norm(x)))``: the pooled features before the classifier head."""
-    return trunk.fc_norm(trunk.pool(trunk.norm(x)))
+def timm_pool(trunk: nn.Module, x: Tensor, normed_hook: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fc_norm(pool(normed_hook(norm(x))))``: the pooled features before the classifier head."""
+    return trunk.fc_norm(trunk.pool(normed_hook(trunk.norm(x))))
 
 
 def timm_token_layout(trunk: nn.Module) -> TokenLayout:
@@ -129,7 +131,7 @@ class TimmHookedVisionModel(HookedVisionModel):
 
     def _head(self, x):
         trunk = self.model
-        pooled = self.hook_pooled(timm_pool(trunk, x))
+        pooled = self.hook_pooled(timm_pool(trunk, x, self.hook_normed))
         out = trunk.head(trunk.head_drop(pooled))
         if self.has_image_embed:
             out = self.hook_image_embed(out)

@@ -347,8 +347,10 @@ def test_full_resolution_shapes_on_meta(spec, n_layers, d_model, d_embed, n_toke
             out, cache = model.run_with_cache(torch.empty(2, 3, h, w))
     assert model.n_layers == n_layers and model.cfg.d_model == d_model
     assert set(cache.cache_dict) == set(model.hook_dict)
-    assert len(model.hook_dict) == 5 * n_layers + 2 + (d_embed is not None)
+    # hook_embed, 5 per block, hook_normed, hook_pooled (+ hook_image_embed)
+    assert len(model.hook_dict) == 5 * n_layers + 3 + (d_embed is not None)
     assert cache[f"blocks.{n_layers - 1}.hook_resid_post"].shape == (2, n_tokens, d_model)
+    assert cache["hook_normed"].shape == (2, n_tokens, d_model)
     assert model.token_layout.n_tokens == n_tokens
     for name, acts in cache.cache_dict.items():
         assert acts.shape[-1] == model.hook_width(name)
@@ -394,3 +396,18 @@ def test_on_the_device_in_its_dtype_the_output_is_the_bare_models_and_rows_arriv
     rows = source.activations(images)[hook]
     assert rows.dtype == torch.float32 and rows.device.type == "cpu"  # handed over in the SAE's dtype
     assert torch.equal(rows, cache[hook].reshape(-1, cache[hook].shape[-1]).float().cpu())
+
+
+def test_hook_normed_is_the_final_norm_of_the_last_residual(family):
+    name, model, images, bare_out, out, cache = family
+    if not model.has_normed:
+        assert "hook_normed" not in model.hook_dict
+        return
+    last = cache[f"blocks.{model.n_layers - 1}.hook_resid_post"]
+    trunk = timm_trunk(model)
+    final_norm = trunk.norm if trunk is not None else model.model.visual.ln_post
+    with torch.no_grad():
+        assert torch.equal(cache["hook_normed"], final_norm(last))
+    assert cache["hook_normed"].shape == last.shape and model.is_token_hook("hook_normed")
+    with pytest.raises(ValueError, match="hook_normed"):
+        model.run_with_cache(images, names_filter="hook_normed", stop_at_layer=1)

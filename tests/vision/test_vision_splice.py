@@ -187,3 +187,17 @@ def test_hooked_vision_model_splices_natively():
     assert not torch.allclose(spliced, plain)  # the reconstruction flows downstream
     torch.testing.assert_close(kept, plain)  # the error term restores the output
     assert base.acts_to_saes == {}  # run_with_saes leaves no SAE behind
+
+
+def test_sae_on_the_final_norm_output_splices_at_hook_normed(clip):
+    """The RA-SAE DINOv2 release reads tokens after the final norm: ``hook_normed`` is where it splices."""
+    model, images = clip
+    sae = make_sae(model.cfg.d_model, 96, "hook_normed", model_name=model.spec, seed=4)
+    with torch.no_grad():
+        expected = _run_replacing(model, images, "hook_normed", lambda acts: sae.decode(sae.encode(acts)))
+        out = model.run_with_saes(images, saes=[sae], use_error_term=False)
+        kept = model.run_with_saes(images, saes=[sae], use_error_term=True)
+        baseline = model(images)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (out - baseline).abs().max() > 1e-3
+    torch.testing.assert_close(kept, baseline, atol=1e-5, rtol=1e-5)
