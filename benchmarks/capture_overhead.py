@@ -1,8 +1,9 @@
 """Cost of hooked activation capture against the bare library forward pass (one run, interleaved).
 
 Variants, each timed ``--repeats`` times in a shuffled interleaved order (so machine load drifts hit all
-of them alike), reported as median wall time (and minimum), median process CPU time, and the ratios of those medians to the
-bare forward. On a machine shared with other jobs the CPU-time ratio is the steadier of the two:
+of them alike), reported as median wall time (and minimum), median process CPU time, and the ratios of
+those medians to the bare forward. On a machine shared with other jobs the CPU-time ratio is the steadier of
+the two:
 
 - bare: the library model's own forward (``encode_image`` / timm ``forward``)
 - hooked: the HookedVisionModel forward with no hooks attached
@@ -84,9 +85,11 @@ def main(argv=None):
     base = statistics.median(times["bare forward"])
     cpu_base = statistics.median(cpu_times["bare forward"])
     print(f"model {model.spec} (random init), {n} blocks, d_model={model.cfg.d_model}, image {h}x{w}, "
-          f"{model.token_layout.n_tokens} tokens, batch {args.batch}, torch threads {torch.get_num_threads()}, "
+          f"{model.token_layout.n_tokens} tokens, batch {args.batch}, "
+          f"torch threads {torch.get_num_threads()}, "
           f"{args.repeats} interleaved repeats, medians")
-    print(f"{'variant':40s} {'wall s':>8s} {'min s':>8s} {'ratio':>6s} {'cpu s':>8s} {'ratio':>6s} {'expected':>9s}")
+    print(f"{'variant':40s} {'wall s':>8s} {'min s':>8s} {'ratio':>6s} "
+          f"{'cpu s':>8s} {'ratio':>6s} {'expected':>9s}")
     for name, values in times.items():
         median = statistics.median(values)
         expected = ""
@@ -96,8 +99,8 @@ def main(argv=None):
         elif name != "bare forward":
             expected = "<=1.03"
         cpu = statistics.median(cpu_times[name])
-        print(f"{name:40s} {median:8.3f} {min(values):8.3f} {median / base:6.3f} {cpu:8.3f} {cpu / cpu_base:6.3f} "
-              f"{expected:>9s}")
+        print(f"{name:40s} {median:8.3f} {min(values):8.3f} {median / base:6.3f} "
+              f"{cpu:8.3f} {cpu / cpu_base:6.3f} {expected:>9s}")
     return 0
 
 

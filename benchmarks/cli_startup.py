@@ -1,9 +1,9 @@
 """How fast ``sae-vision --help`` and every ``sae-vision COMMAND --help`` answer, against ``python -c pass``.
 
-Each variant is a fresh Python process (what a user waits for), run ``--repeats`` times in a shuffled interleaved
-order so machine load drifts hit all of them alike; reported as the median wall time, its ratio to a bare Python
-start, and whether the command imported torch or SAELens (it must not: heavy imports wait until work starts).
-The target (issue 13) is under 1.5 s for every command.
+Each variant is a fresh Python process (what a user waits for), run ``--repeats`` times in a shuffled
+interleaved order so machine load drifts hit all of them alike; reported as the median wall time, its ratio to
+a bare Python start, and whether the command imported torch or SAELens (it must not: heavy imports wait until
+work starts). The target (issue 13) is under 1.5 s for every command.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     variants = {"python -c pass": "pass", "sae-vision --help": PROBE.format(argv=["--help"])}
-    variants.update({f"sae-vision {name} --help": PROBE.format(argv=[name, "--help"]) for name in SUBCOMMANDS})
+    variants.update(
+        {f"sae-vision {name} --help": PROBE.format(argv=[name, "--help"]) for name in SUBCOMMANDS}
+    )
     times: dict[str, list[float]] = {name: [] for name in variants}
     heavy: dict[str, str] = {}
     order = [name for name in variants for _ in range(args.repeats)]

@@ -12,9 +12,9 @@ import argparse
 import sys
 
 EPILOG = """examples:
-  python examples/cache_activations.py                                  # sample photos, DINOv2 ViT-S/14, 512 views
+  python examples/cache_activations.py                    # sample photos, DINOv2 ViT-S/14, 512 views
   python examples/cache_activations.py --images ./photos --n-images 20000 --output runs/cache_l9
-  python examples/cache_activations.py --tiny                           # seconds
+  python examples/cache_activations.py --tiny             # seconds
 """
 
 
@@ -40,14 +40,16 @@ def main(argv=None) -> int:
     import torch
     from sae_lens.training.activations_store import ActivationsStore
 
-    from sae_vision_ext.training.config import VisionSAERunnerConfig
     from sae_vision_ext.training.caching import cache_activations
+    from sae_vision_ext.training.config import VisionSAERunnerConfig
     from sae_vision_ext.training.runner import VisionSAETrainingRunner
     from sae_vision_ext.vision.load import describe_weights
 
     if args.tiny:  # a tiny random model: runs anywhere in seconds
         args.random_init = True
-        args.model, args.img_size, args.hook, args.n_images = "timm:vit_tiny_patch16_224", 32, "blocks.1.hook_resid_post", 48
+        args.model, args.img_size, args.hook, args.n_images = (
+            "timm:vit_tiny_patch16_224", 32, "blocks.1.hook_resid_post", 48
+        )
     if args.images:
         images = args.images
     else:
@@ -57,20 +59,24 @@ def main(argv=None) -> int:
     out = Path(args.output)
 
     # 1. cache (no SAE in this config: sae=None)
-    cache_cfg = VisionSAERunnerConfig(sae=None, model_name=args.model, pretrained=not args.random_init, img_size=args.img_size, hook_name=args.hook,
+    cache_cfg = VisionSAERunnerConfig(sae=None, model_name=args.model, pretrained=not args.random_init,
+                                      img_size=args.img_size, hook_name=args.hook,
                                       token_selection="patches", augment="crop_flip", model_batch_size=16,
                                       num_workers=1, images_per_shard=128, seed=0)  # fmt: skip
     cache = cache_activations(cache_cfg, out / "cache", args.n_images, images=images, overwrite=True)
     meta = cache.metadata
-    print(f"cache {cache.path}: {meta['n_rows']:,} rows x {meta['hook_widths']} in {meta['n_shards']} shards; "
-          f"model {meta['model_name']} ({describe_weights(meta['weights'])}), tokens {meta['token_selection']}")  # fmt: skip
+    print(f"cache {cache.path}: {meta['n_rows']:,} rows x {meta['hook_widths']} "
+          f"in {meta['n_shards']} shards; "
+          f"model {meta['model_name']} ({describe_weights(meta['weights'])}), "
+          f"tokens {meta['token_selection']}")  # fmt: skip
 
     # 2. read it back without the model: HF datasets and SAELens's ActivationsStore
     ds = datasets.load_from_disk(str(cache.path))
     print(f"datasets.load_from_disk: {len(ds)} rows, features {ds.features}")
     width, context = meta["hook_widths"][args.hook], meta["context_size"]
-    store = ActivationsStore(model=None, dataset=None, streaming=False, hook_name=args.hook, hook_head_index=None,
-                             context_size=context, d_in=width, n_batches_in_buffer=16, total_training_tokens=meta["n_rows"],
+    store = ActivationsStore(model=None, dataset=None, streaming=False, hook_name=args.hook,
+                             hook_head_index=None, context_size=context, d_in=width, n_batches_in_buffer=16,
+                             total_training_tokens=meta["n_rows"],
                              store_batch_size_prompts=8, train_batch_size_tokens=64, prepend_bos=False,
                              normalize_activations="none", device=torch.device("cpu"), dtype="float32",
                              cached_activations_path=str(cache.path))  # fmt: skip
@@ -80,7 +86,8 @@ def main(argv=None) -> int:
     train_cfg = VisionSAERunnerConfig(
         sae={"architecture": "topk", "d_in": width, "d_sae": 4 * width, "k": 16}, model_name=args.model,
         hook_name=args.hook, token_selection="patches", use_cached_activations=True,
-        cached_activations_path=str(cache.path), training_rows=min(meta["n_rows"], 16384), train_batch_size_rows=64,
+        cached_activations_path=str(cache.path), training_rows=min(meta["n_rows"], 16384),
+        train_batch_size_rows=64,
         lr=1e-3, output_path=str(out / "sae"), seed=0,
     )  # fmt: skip
     result = VisionSAETrainingRunner(train_cfg).run()

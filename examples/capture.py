@@ -15,14 +15,17 @@ DEFAULT_MODEL = "timm:vit_base_patch14_reg4_dinov2.lvd142m"
 
 EPILOG = """examples:
   python examples/capture.py
-  python examples/capture.py --model open_clip:ViT-B-32/laion2b_s34b_b79k --hooks blocks.5.hook_resid_post,hook_image_embed
+  python examples/capture.py --model open_clip:ViT-B-32/laion2b_s34b_b79k \\
+      --hooks blocks.5.hook_resid_post,hook_image_embed
   python examples/capture.py --img-size 56 --n-images 2 --stop-at-layer 4      # seconds on a CPU
 """
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default: {DEFAULT_MODEL})")
     parser.add_argument("--hooks", default=None,
@@ -61,10 +64,15 @@ def main(argv=None):
 
     start = time.perf_counter()
     model, preprocess, weights = load_vision_model_or_random(
-        args.model, weights=args.weights, pretrained=not args.random_init, img_size=args.img_size, device="cpu"
+        args.model,
+        weights=args.weights,
+        pretrained=not args.random_init,
+        img_size=args.img_size,
+        device="cpu",
     )
     layout = model.token_layout
-    print(f"model: {model.spec} ({describe_weights(weights)}); {model.n_layers} blocks, d_model={model.cfg.d_model}, "
+    print(f"model: {model.spec} ({describe_weights(weights)}); "
+          f"{model.n_layers} blocks, d_model={model.cfg.d_model}, "
           f"image {model.cfg.image_size[0]}x{model.cfg.image_size[1]}, patch {model.cfg.patch_size[0]}")
     print(f"token layout: {layout.n_cls} CLS + {layout.n_registers} registers + {layout.n_patches} patches "
           f"(grid {layout.grid_size[0]}x{layout.grid_size[1]}) = {layout.n_tokens} tokens")
@@ -99,7 +107,8 @@ def main(argv=None):
         sims = pooled @ pooled.T
         sims.fill_diagonal_(-2)
         i, j = divmod(int(sims.argmax()), len(photos))
-        print(f"most similar pair (cosine of hook_pooled): {photos[i].info['name']} ~ {photos[j].info['name']} "
+        print(f"most similar pair (cosine of hook_pooled): "
+              f"{photos[i].info['name']} ~ {photos[j].info['name']} "
               f"= {float(sims[i, j]):.3f}")
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0

@@ -17,10 +17,12 @@ import tempfile
 import time
 
 EPILOG = """examples:
-  python examples/load_from_hub.py                       # msae-clip-vit-l-14 / centered (Hub, or the local cache)
+  python examples/load_from_hub.py                       # msae-clip-vit-l-14 / centered
+                                                         # (Hub, or the local cache)
   python examples/load_from_hub.py --release msae-clip-vit-b-16 --sae-id not_centered --k 32
   python examples/load_from_hub.py --list                # the plugin's releases and their SAE ids
-  python examples/load_from_hub.py --tiny --img-size 64  # offline, seconds: synthetic weights, random-init CLIP
+  python examples/load_from_hub.py --tiny --img-size 64  # offline, seconds: synthetic weights,
+                                                         # random-init CLIP
   python examples/load_from_hub.py --save-dir out/msae   # also write the converted SAELens folder
 """
 
@@ -112,7 +114,8 @@ def main(argv=None):
     if args.list:
         for name, info in RELEASES.items():
             print(
-                f"{name:32s} {info.repo_id:34s} {info.model:44s} {info.hook_name:26s} ids: {', '.join(info.saes)}"
+                f"{name:32s} {info.repo_id:34s} {info.model:44s} {info.hook_name:26s} "
+                f"ids: {', '.join(info.saes)}"
             )
         return 0
     if release not in RELEASES:
@@ -135,7 +138,8 @@ def main(argv=None):
         f"on {meta.model_name} {hook} (from {meta.source})"
     )
     print(
-        f"model: {model.spec} ({describe_weights(weights)}); photos: {', '.join(p.info.get('name', '?') for p in photos)}"
+        f"model: {model.spec} ({describe_weights(weights)}); "
+        f"photos: {', '.join(p.info.get('name', '?') for p in photos)}"
     )
     with torch.no_grad():
         _, cache = model.run_with_cache(images, names_filter=hook)
@@ -156,7 +160,8 @@ def main(argv=None):
     if args.save_dir:
         sae.save_model(args.save_dir)
         print(
-            f"saved the converted SAE to {args.save_dir} (load with SAE.load_from_disk after import sae_vision_ext)"
+            f"saved the converted SAE to {args.save_dir} "
+            "(load with SAE.load_from_disk after import sae_vision_ext)"
         )
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0

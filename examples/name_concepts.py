@@ -2,10 +2,10 @@
 
 With ``--sae`` (a SAELens folder trained on ``hook_image_embed`` of a CLIP model) the first ``--n-latents``
 latents are named with the shipped English vocabulary (or ``--vocabulary FILE``). Without it, a demonstration
-SAE is built whose first atoms are the text embeddings of known words plus noise, and the script reports how many
-of those words concept naming recovers. Text embeddings are cached on disk ($SAE_VISION_CACHE or
-~/.cache/sae_vision_ext), so the second run is fast. Finally the photos are searched with a query steered along
-the first named latent.
+SAE is built whose first atoms are the text embeddings of known words plus noise, and the script reports how
+many of those words concept naming recovers. Text embeddings are cached on disk ($SAE_VISION_CACHE or
+~/.cache/sae_vision_ext), so the second run is fast. Finally the photos are searched with a query steered
+along the first named latent.
 """
 
 from __future__ import annotations
@@ -27,15 +27,20 @@ EPILOG = """examples:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"CLIP-family model spec (default {DEFAULT_MODEL})")
-    parser.add_argument("--tiny", action="store_true", help="tiny random CLIP, 1000-word vocabulary (for tests)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"CLIP-family model spec (default {DEFAULT_MODEL})")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random CLIP, 1000-word vocabulary (for tests)")
     parser.add_argument("--random-init", action="store_true", help="skip pretrained weights")
     parser.add_argument("--sae", help="SAELens SAE folder trained on hook_image_embed")
     parser.add_argument("--vocabulary", help="word list file (default: the shipped English list)")
     parser.add_argument("--vocab-size", type=int, default=None, help="use only the first N words")
-    parser.add_argument("--template", default="{}", help='prompt template, e.g. "a photo of a {}" (default "{}")')
+    parser.add_argument("--template", default="{}",
+                        help='prompt template, e.g. "a photo of a {}" (default "{}")')
     parser.add_argument("--n-latents", type=int, default=12, help="latents to name and print (default 12)")
     parser.add_argument("--top-n", type=int, default=3, help="words per latent (default 3)")
     parser.add_argument("--strength", type=float, default=2.0,
@@ -112,8 +117,8 @@ def main(argv=None) -> int:
     gallery = embed_images(model, torch.stack([preprocess(p) for p in photos]))
     latent = latents[0]
     strength = args.strength * float(gallery.norm(dim=-1).mean())
-    result = concept_search(sae, gallery[0], gallery, latent=names[latent].name, names=names, strength=strength,
-                            top_k=5, exclude=[0])
+    result = concept_search(sae, gallery[0], gallery, latent=names[latent].name, names=names,
+                            strength=strength, top_k=5, exclude=[0])
     plain = concept_search(sae, gallery[0], gallery, latent=latent, strength=0.0, top_k=5, exclude=[0])
     print(f"\nsearch from photo 0: nearest photos {plain.indices[0].tolist()}; steered towards "
           f"{names[latent].name!r}: {result.indices[0].tolist()}")

@@ -2,8 +2,8 @@
 
 With ``--sae`` the SAE is a trained SAELens folder on ``hook_image_embed`` and ``--latent`` picks the concept.
 Without it, a demonstration SAE is built whose latent 0 IS the text direction of ``--concept`` ("a photo of a
-dog"), so adding it to an image embedding must raise the probability of that prompt. Pretrained weights are used
-when they are in the local cache; otherwise a random init of the same architecture runs (said clearly).
+dog"), so adding it to an image embedding must raise the probability of that prompt. Pretrained weights are
+used when they are in the local cache; otherwise a random init of the same architecture runs (said clearly).
 """
 
 from __future__ import annotations
@@ -21,14 +21,19 @@ EPILOG = """examples:
   python examples/steer.py --tiny                           # tiny random CLIP, seconds on a CPU
 """
 
-PROMPTS = ["a photo of a dog", "a photo of a cat", "a photo of a car", "a photo of a beach", "a photo of a person"]
+PROMPTS = [
+    "a photo of a dog", "a photo of a cat", "a photo of a car", "a photo of a beach", "a photo of a person"
+]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"CLIP-family model spec (default {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"CLIP-family model spec (default {DEFAULT_MODEL})")
     parser.add_argument("--tiny", action="store_true", help="tiny random CLIP and 4 images (for tests)")
     parser.add_argument("--random-init", action="store_true", help="skip pretrained weights")
     parser.add_argument("--sae", help="SAELens SAE folder trained on hook_image_embed")
@@ -101,7 +106,8 @@ def main(argv=None) -> int:
         model.add_sae(sae, use_error_term=True)
         spliced = model(images)
         model.reset_saes()
-    print(f"add_sae(use_error_term=True) changes the output by at most {float((spliced - baseline).abs().max()):.2e}")
+    print(f"add_sae(use_error_term=True) changes the output by at most "
+          f"{float((spliced - baseline).abs().max()):.2e}")
 
     # the demonstration atom has unit norm: express "add" strengths in units of the mean embedding norm
     unit = float(baseline.norm(dim=-1).mean()) if (not args.sae and args.mode == "add") else 1.0

@@ -5,9 +5,10 @@ Run with N processes (gloo on CPU, NCCL on GPUs):
     torchrun --standalone --nproc_per_node 2 examples/train_distributed.py --tiny
 
 Every rank reads only its 1/N slice of each global batch from an activation cache (SAELens's cached-activation
-format; a synthetic one is written first if --cache does not exist). Rank 0 writes the checkpoints. With --check,
-rank 0 then trains the same SAE in a single process on the same global batches and prints the largest weight
-difference, which should be at the level of float32 rounding. Also runs without torchrun (world size 1).
+format; a synthetic one is written first if --cache does not exist). Rank 0 writes the checkpoints. With
+--check, rank 0 then trains the same SAE in a single process on the same global batches and prints the
+largest weight difference, which should be at the level of float32 rounding. Also runs without torchrun
+(world size 1).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def write_synthetic_cache(path: str, n_rows: int, d_in: int, context_size: int =
 
     rng = np.random.default_rng(seed)
     directions = rng.standard_normal((4 * d_in, d_in)).astype(np.float32)
-    codes = rng.exponential(1.0, (n_rows, 4 * d_in)).astype(np.float32) * (rng.random((n_rows, 4 * d_in)) < 0.05)
+    codes = rng.exponential(1.0, (n_rows, 4 * d_in)).astype(np.float32) * (
+        rng.random((n_rows, 4 * d_in)) < 0.05
+    )
     rows = (codes @ directions + 0.05 * rng.standard_normal((n_rows, d_in))).astype(np.float32)
     hook = "blocks.0.hook_resid_post"
     features = datasets.Features({hook: datasets.Array2D(shape=(context_size, d_in), dtype="float32")})
@@ -75,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.world_size))
     cache = args.cache or os.path.join(args.output, "cache")
     if context.is_main and not os.path.exists(cache):
-        write_synthetic_cache(cache, n_rows=max(4 * args.batch_size, 20_000 if not args.tiny else 2048), d_in=args.d_in)
+        write_synthetic_cache(
+            cache, n_rows=max(4 * args.batch_size, 20_000 if not args.tiny else 2048), d_in=args.d_in
+        )
     context.barrier()  # every rank waits for the cache
     rows = CachedActivationRows(cache)
 
@@ -91,17 +96,20 @@ def main(argv: list[str] | None = None) -> int:
                                 save_final_checkpoint=checkpoints is not None)
 
     started = time.perf_counter()
-    trainer = train_on_rows(make_sae(), trainer_cfg(os.path.join(args.output, "checkpoints")), rows, context=context,
-                            shuffle_seed=0)
+    trainer = train_on_rows(make_sae(), trainer_cfg(os.path.join(args.output, "checkpoints")), rows,
+                            context=context, shuffle_seed=0)
     seconds = time.perf_counter() - started
     if context.is_main:
-        summary = {"world_size": context.world_size, "backend": context.backend, "steps": trainer.n_training_steps,
-                   "samples": trainer.n_training_samples, "seconds": round(seconds, 2),
+        summary = {"world_size": context.world_size, "backend": context.backend,
+                   "steps": trainer.n_training_steps, "samples": trainer.n_training_samples,
+                   "seconds": round(seconds, 2),
                    "checkpoints": sorted(os.listdir(os.path.join(args.output, "checkpoints")))}
         if args.check:
             from sae_lens.training.sae_trainer import SAETrainer
 
-            single = SAETrainer(trainer_cfg(None), make_sae(), RankBatches(rows, args.batch_size, shuffle_seed=0))
+            single = SAETrainer(
+                trainer_cfg(None), make_sae(), RankBatches(rows, args.batch_size, shuffle_seed=0)
+            )
             with trainer_progress_bar_off():
                 single.fit()
             summary["max_abs_weight_difference_vs_single_process"] = max(

@@ -1,8 +1,9 @@
-"""Train the Matryoshka SAE (nested TopK, ``matryoshka_topk``) with SAELens's SAETrainer on synthetic sparse data
-and print, on held-out rows, the reconstruction quality at every k (one model, k chosen at inference).
+"""Train the Matryoshka SAE (nested TopK, ``matryoshka_topk``) with SAELens's SAETrainer on synthetic sparse
+data and print, on held-out rows, the reconstruction quality at every k (one model, k chosen at inference).
 
-Each row is the sum of a few random unit "ground-truth" features with positive magnitudes, plus optional offset
-and scale (so input standardisation has something to do), so a good SAE reaches a low FVU with a small k.
+Each row is the sum of a few random unit "ground-truth" features with positive magnitudes, plus optional
+offset and scale (so input standardisation has something to do), so a good SAE reaches a low FVU with a
+small k.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import time
 EPILOG = """examples:
   python examples/train_msae_synthetic.py --tiny
   python examples/train_msae_synthetic.py --d-in 64 --d-sae 512 --steps 2000 --level-weighting reverse
-  python examples/train_msae_synthetic.py --k-levels 4 8 16 512 --loss nmse --standardize --offset 3 --scale 20
+  python examples/train_msae_synthetic.py --k-levels 4 8 16 512 --loss nmse --standardize \\
+      --offset 3 --scale 20
 """
 
 
@@ -82,10 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(
         f"training matryoshka_topk: d_in={args.d_in} d_sae={args.d_sae} k_levels={cfg.k_levels} "
-        f"weighting={cfg.level_weighting} loss={cfg.reconstruction_loss} steps={args.steps} batch={args.batch_size}"
+        f"weighting={cfg.level_weighting} loss={cfg.reconstruction_loss} "
+        f"steps={args.steps} batch={args.batch_size}"
     )
     start = time.perf_counter()
-    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=shuffled_batches(train_rows, args.batch_size, args.seed)).fit()
+    SAETrainer(
+        cfg=trainer_cfg, sae=sae, data_provider=shuffled_batches(train_rows, args.batch_size, args.seed)
+    ).fit()
     print(f"trained in {time.perf_counter() - start:.1f} s")
 
     ks = sorted({*cfg.k_levels, *(k for k in (3, 6, 12) if k < args.d_sae)}) + [None]
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.save:
         sae.save_inference_model(args.save)
         print(
-            f"saved the inference SAE to {args.save} (load with SAE.load_from_disk after import sae_vision_ext)"
+            f"saved the inference SAE to {args.save} "
+            "(load with SAE.load_from_disk after import sae_vision_ext)"
         )
     return results
 

@@ -21,12 +21,15 @@ import torch
 
 EPILOG = """examples:
   python examples/train_ra_sae_synthetic.py --tiny
-  python examples/train_ra_sae_synthetic.py --d 64 --n-concepts 128 --d-sae 128 --steps 1500 --export out/ra_topk
+  python examples/train_ra_sae_synthetic.py --d 64 --n-concepts 128 --d-sae 128 --steps 1500 \\
+      --export out/ra_topk
 """
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--d", type=int, default=48, help="activation width")
     p.add_argument("--n-concepts", type=int, default=96, help="true concepts")
     p.add_argument("--active", type=int, default=3, help="concepts active per row")
@@ -59,8 +62,9 @@ def train(sae, x, args, seed):
         while True:
             yield x[torch.randint(0, x.shape[0], (args.batch,), generator=g)]
 
-    cfg = SAETrainerConfig(total_training_samples=args.steps * args.batch, train_batch_size_samples=args.batch,
-                           lr=args.lr, lr_end=args.lr, device="cpu", logger=LoggingConfig(log_to_wandb=False),
+    cfg = SAETrainerConfig(total_training_samples=args.steps * args.batch,
+                           train_batch_size_samples=args.batch, lr=args.lr, lr_end=args.lr, device="cpu",
+                           logger=LoggingConfig(log_to_wandb=False),
                            dead_feature_window=200)
     trainer = SAETrainer(cfg, sae, batches())
     for _ in range(args.steps):
@@ -111,7 +115,11 @@ def main(argv=None) -> int:
             print(f"seed {seed} {name:15s} FVU {fvu:.4f}  concept recovery {recovery:.3f}")
     for name, runs in results.items():
         if len(runs) > 1:
-            pairs = [stability(a[0].W_dec.detach(), b[0].W_dec.detach()) for i, a in enumerate(runs) for b in runs[i + 1 :]]
+            pairs = [
+                stability(a[0].W_dec.detach(), b[0].W_dec.detach())
+                for i, a in enumerate(runs)
+                for b in runs[i + 1 :]
+            ]
             print(f"{name:15s} stability across seeds {sum(pairs) / len(pairs):.3f}")
     if args.export:
         results["ra_sae"][0][0].save_plain_model(args.export)

@@ -1,8 +1,9 @@
 """Train vision SAEs from Python: a config, images, SAELens's trainer, a SAELens folder you can load back.
 
-Trains a Matryoshka SAE (or any registered architecture) on a vision model's patch tokens, one SAE per hook when
-several hooks are given (one forward pass feeds all of them, SAELens's ``MultiSAETrainer`` trains them), prints
-the held-out metrics, then loads the SAE back with ``SAE.load_from_disk`` and encodes a few rows at a chosen k.
+Trains a Matryoshka SAE (or any registered architecture) on a vision model's patch tokens, one SAE per
+hook when several hooks are given (one forward pass feeds all of them, SAELens's ``MultiSAETrainer`` trains
+them), prints the held-out metrics, then loads the SAE back with ``SAE.load_from_disk`` and encodes a few
+rows at a chosen k.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 EPILOG = """examples:
   python examples/train_vision_sae.py                                   # sample photos, DINOv2 ViT-S/14, MSAE
   python examples/train_vision_sae.py --images ./my_photos --rows 500000 --output runs/my_msae
-  python examples/train_vision_sae.py --hooks blocks.5.hook_resid_post,blocks.9.hook_resid_post --architecture topk
+  python examples/train_vision_sae.py --hooks blocks.5.hook_resid_post,blocks.9.hook_resid_post \\
+      --architecture topk
   python examples/train_vision_sae.py --tiny                            # seconds: tiny ViT, few rows
 """
 
@@ -26,7 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--hooks", default="blocks.9.hook_resid_post", help="comma-separated hook names")
     p.add_argument("--tokens", default="patches")
     p.add_argument("--images", help="image folder or HF dataset (default: the scikit-image sample photos)")
-    p.add_argument("--architecture", default="matryoshka_topk", help="matryoshka_topk, topk, batchtopk, standard, ...")
+    p.add_argument("--architecture", default="matryoshka_topk",
+                   help="matryoshka_topk, topk, batchtopk, standard, ...")
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--rows", type=int, default=32768)
     p.add_argument("--batch-size", type=int, default=512)
@@ -59,7 +62,8 @@ def main(argv=None) -> int:
 
     # 1. the config, without the SAE first: the model tells the hook's width
     cfg = VisionSAERunnerConfig(
-        sae=None, model_name=args.model, pretrained=not args.random_init, img_size=args.img_size, hook_name=hooks, token_selection=args.tokens,
+        sae=None, model_name=args.model, pretrained=not args.random_init, img_size=args.img_size,
+        hook_name=hooks, token_selection=args.tokens,
         augment="crop_flip", model_batch_size=16, num_workers=1, buffer_size_rows=8 * args.batch_size,
         training_rows=args.rows, train_batch_size_rows=args.batch_size, lr=args.lr, eval_holdout_images=2,
         n_eval_images=8, n_batches_for_norm_estimate=4, output_path=args.output, n_checkpoints=1, seed=0,

@@ -57,7 +57,9 @@ def import_cycles(graph) -> list[list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--list", action="store_true", help="list every function-local import")
     args = parser.parse_args()
     root = Path(__file__).resolve().parents[1] / PACKAGE

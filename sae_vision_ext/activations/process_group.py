@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["DistributedContext", "current_context", "init_distributed", "destroy_distributed", "find_free_port",
-           "spawn_local"]
+__all__ = ["DistributedContext", "current_context", "init_distributed", "destroy_distributed",
+           "find_free_port", "spawn_local"]
 
 
 
@@ -97,7 +97,9 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _spawned_entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, backend: str, args: tuple) -> None:
+def _spawned_entry(
+    rank: int, fn: Callable[..., Any], world_size: int, port: int, backend: str, args: tuple
+) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),

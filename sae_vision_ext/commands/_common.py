@@ -1,10 +1,10 @@
-"""What every ``sae-vision`` command shares: config dataclasses become flags one way (simple_parsing, as SAELens's
-own CLI does), one-line user errors with exit code 2, and ``KEY=VALUE`` lists.
+"""What every ``sae-vision`` command shares: config dataclasses become flags one way (simple_parsing, as
+SAELens's own CLI does), one-line user errors with exit code 2, and ``KEY=VALUE`` lists.
 
-A command's flags are its config dataclass's fields (``--training-rows``) plus the short aliases declared on the
-field (``--rows``); the same field has the same flag in every command. ``--config FILE`` (YAML / JSON with the
-same field names) sets the defaults, flags override it. Building a parser imports neither torch nor SAELens, so
-``--help`` is instant.
+A command's flags are its config dataclass's fields (``--training-rows``) plus the short aliases declared on
+the field (``--rows``); the same field has the same flag in every command. ``--config FILE`` (YAML / JSON with
+the same field names) sets the defaults, flags override it. Building a parser imports neither torch nor
+SAELens, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ class HelpFormatter(simple_parsing.SimpleHelpFormatter):
 class ArgumentParser(simple_parsing.ArgumentParser):
     """simple_parsing's parser, able to keep fields a command does not use out of its ``--help``.
 
-    simple_parsing creates the argparse actions only when parsing starts (``_preprocessing``, the step SAELens's
-    own CLI also extends), so the hidden ones are marked there.
+    simple_parsing creates the argparse actions only when parsing starts (``_preprocessing``, the step
+    SAELens's own CLI also extends), so the hidden ones are marked there.
     """
 
     def __init__(self, *args: Any, hidden: Sequence[str] = (), **kwargs: Any):
@@ -64,8 +64,11 @@ def new_parser(prog: str, description: str, epilog: str = "", hidden: Sequence[s
     )
 
 
-def add_config(parser: simple_parsing.ArgumentParser, cls: type, defaults: Any = None, dest: str = CONFIG_DEST) -> None:
-    """Every command-line field of the dataclass ``cls`` as flags (defaults from ``defaults``, an instance)."""
+def add_config(
+    parser: simple_parsing.ArgumentParser, cls: type, defaults: Any = None, dest: str = CONFIG_DEST
+) -> None:
+    """Every command-line field of the dataclass ``cls`` as flags (defaults from ``defaults``, an
+    instance)."""
     parser.add_arguments(cls, dest=dest, default=defaults)
 
 
@@ -92,7 +95,9 @@ def flag_value(argv: Sequence[str], *flags: str) -> str | None:
     return known.value
 
 
-def given_fields(parser: argparse.ArgumentParser, argv: Sequence[str], dest: str = CONFIG_DEST) -> dict[str, str]:
+def given_fields(
+    parser: argparse.ArgumentParser, argv: Sequence[str], dest: str = CONFIG_DEST
+) -> dict[str, str]:
     """``{field name: the flag the user typed}`` for the ``dest`` dataclass fields set on the command line."""
     typed = [a.split("=", 1)[0] for a in argv if a.startswith("-")]
     given = {}
@@ -104,7 +109,9 @@ def given_fields(parser: argparse.ArgumentParser, argv: Sequence[str], dest: str
     return given
 
 
-def refuse_hidden(parser: argparse.ArgumentParser, argv: Sequence[str], hide: Sequence[str], command: str) -> None:
+def refuse_hidden(
+    parser: argparse.ArgumentParser, argv: Sequence[str], hide: Sequence[str], command: str
+) -> None:
     flags = [flag for name, flag in given_fields(parser, argv).items() if name in hide]
     if flags:
         raise UserError(f"{', '.join(flags)} has no effect on `sae-vision {command}`")
@@ -130,7 +137,9 @@ def sae_section(architecture: str, items: Sequence[str], expansion: int | None,
     sae = {**(base or {}), "architecture": architecture, **key_values(items, "--sae")}
     if expansion is not None:
         if expansion <= 0:
-            raise UserError(f"--expansion must be a positive integer (d_sae = expansion x d_in), got {expansion}")
+            raise UserError(
+                f"--expansion must be a positive integer (d_sae = expansion x d_in), got {expansion}"
+            )
         if "d_sae" in sae:
             raise UserError("give --expansion or --sae d_sae=N, not both")
     return sae, expansion or 8

@@ -52,6 +52,7 @@ def train_in_memory(
     device: str = "cpu",
     sae: Any | None = None,
     progress: bool = False,
+    dead_feature_window: int | None = None,
 ) -> Any:
     """Train for ``n_rows`` rows with ``SAETrainer`` and return the training SAE.
 
@@ -59,7 +60,9 @@ def train_in_memory(
     seeded). The learning rate is constant, then decays linearly to 0 over the last ``decay_fraction`` of the
     steps (the MSAE paper's schedule); ``lr_end`` defaults to ``lr``. ``sae`` overrides construction from
     ``sae_cfg`` (e.g. a training SAE whose weights were initialised by hand); the torch seed is set before
-    construction.
+    construction. ``dead_feature_window``: steps without firing after which a latent counts as dead (then
+    TopK's auxiliary loss revives it); default 1% of the steps, at least 25 and at most SAELens's 1,000, so
+    short runs get the auxiliary loss as SAELens's long runs do (a fixed 1,000 would never trigger it).
     """
     if isinstance(rows_iter, Tensor):
         rows_iter = shuffled_batches(rows_iter, batch_size, seed=seed)
@@ -67,6 +70,8 @@ def train_in_memory(
     if sae is None:
         sae = make_training_sae(sae_cfg)
     total_steps = max(1, n_rows // batch_size)
+    if dead_feature_window is None:
+        dead_feature_window = min(1000, max(25, total_steps // 100))
     trainer_cfg = SAETrainerConfig(
         total_training_samples=total_steps * batch_size,
         train_batch_size_samples=batch_size,
@@ -78,6 +83,7 @@ def train_in_memory(
         device=device,
         n_checkpoints=0,
         save_final_checkpoint=False,
+        dead_feature_window=dead_feature_window,
     )
     with progress_bars_off(not progress):
         return SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=rows_iter).fit()

@@ -136,7 +136,9 @@ def _check_chunk(chunk: np.ndarray, d: int | None, n_seen: int) -> None:
         raise ValueError(f"row width changed from {d} to {chunk.shape[1]} at row {n_seen}")
     if not np.isfinite(chunk).all():
         bad = int(np.argwhere(~np.isfinite(chunk))[0, 0])
-        raise ValueError(f"activation rows contain NaN/inf (first at row {n_seen + bad}); clean the data first")
+        raise ValueError(
+            f"activation rows contain NaN/inf (first at row {n_seen + bad}); clean the data first"
+        )
 
 
 def compute_candidates(
@@ -198,7 +200,9 @@ def compute_candidates(
         raise ValueError("the row source yielded no rows")
     n_rows = moments.n
     if n_rows < n_candidates:
-        raise ValueError(f"only {n_rows} rows for {n_candidates} centroids; k-means needs at least as many rows")
+        raise ValueError(
+            f"only {n_rows} rows for {n_candidates} centroids; k-means needs at least as many rows"
+        )
     if standardize:
         mean = moments.mean.astype(np.float64)
         std = moments.std
