@@ -8,7 +8,9 @@ enforced: :mod:`sae_vision_ext.saes.archetypal_dictionary`)::
 
     z = TopK(ReLU((x - b_dec) W_enc + b_enc)),        x_hat = z D + b_dec
 
-plus TopK's auxiliary loss. ``W_dec`` is a read-only property giving D, so SAELens's encode, decode, losses,
+plus TopK's auxiliary loss. How the optimizer moves W is the training field ``mixing_update`` ("adam", the
+reference code's plain step on W and the default; "scaled"; "softmax"; math in the dictionary module).
+``W_dec`` is a read-only property giving D, so SAELens's encode, decode, losses,
 folds and saving work unchanged. D is computed ONCE per training step (inside ``training_forward_pass`` /
 ``forward`` every read of ``W_dec`` gives the same D: the encoder's norm rescale, the decoder and the TopK
 auxiliary loss) and cached without a graph outside training.
@@ -49,11 +51,14 @@ from typing_extensions import override
 
 from sae_vision_ext.saes import register
 from sae_vision_ext.saes.archetypal_dictionary import (
+    MIXING_UPDATES,
     ArchetypalDictionary,
     DictionaryInit,
+    MixingUpdate,
     initial_mixing_matrix,
     validate_candidates,
     validate_delta,
+    validate_mixing,
 )
 from sae_vision_ext.saes.candidates_file import CandidatesSpace, candidates_shape, load_candidates
 from sae_vision_ext.saes.matryoshka_topk import (
@@ -89,12 +94,21 @@ class ArchetypalTrainingFields(ArchetypalFields):
         "standardized" (for an SAE trained on standardised activations).
     dictionary_init: "identity" (atom i = candidate i, the paper) or "random_candidates" (seeded choice).
     dictionary_init_seed: seed of "random_candidates".
+    mixing_update: how the optimizer moves the mixing matrix W (math in
+        :mod:`sae_vision_ext.saes.archetypal_dictionary`): "adam" (the reference code: the optimizer steps W
+        itself, then W is projected onto the simplex), "scaled" (W = s P, the optimizer steps P: W moves
+        ~s lr per step under Adam) or "softmax" (W_i = softmax(s L_i), the optimizer steps the logits L:
+        multiplicative updates that keep W on the simplex and near-zero entries near zero).
+    mixing_lr_scale: s above (> 0; must be 1 for "adam").
+    Training-only: the inference SAE stores the effective W, whatever the update.
     """
 
     candidates_path: str | None = None
     candidates_space: CandidatesSpace = "data"
     dictionary_init: DictionaryInit = "identity"
     dictionary_init_seed: int | None = None
+    mixing_update: MixingUpdate = "adam"
+    mixing_lr_scale: float = 1.0
 
     def get_inference_config_class(self) -> type[SAEConfig]:
         """The inference config registered under this architecture's name (an archetypal one)."""
@@ -126,6 +140,7 @@ def _validate_archetypal_training_cfg(cfg: Any, forced_delta: float | None = Non
         raise ValueError(
             f"dictionary_init must be 'identity' or 'random_candidates', got {cfg.dictionary_init!r}"
         )
+    validate_mixing(cfg.mixing_update, cfg.mixing_lr_scale)
     if cfg.candidates_path is None:
         return
     path = Path(cfg.candidates_path)
@@ -320,6 +335,8 @@ class ArchetypalDecoderMixin(SAE[Any]):
                 init_seed=getattr(cfg, "dictionary_init_seed", None),
                 dtype=self.dtype,
                 device=cfg.device,
+                mixing=getattr(cfg, "mixing_update", "adam"),
+                mixing_lr_scale=getattr(cfg, "mixing_lr_scale", 1.0),
             )
 
     # -- constraints, folds, export
@@ -407,6 +424,10 @@ class ArchetypalTrainingMixin(ArchetypalDecoderMixin, TrainingSAE[Any]):
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         # no decoder-norm fold: the inference class applies rescale_acts_by_decoder_norm itself
         self.process_state_dict_for_saving(state_dict)
+        # the inference dictionary stores the effective W (already in the state dict) and no raw parameter
+        raw_name = self.archetypal.mixing_parameter_name
+        if raw_name != "W":
+            state_dict.pop(f"archetypal.{raw_name}", None)
 
     @override
     @torch.no_grad()
@@ -524,14 +545,32 @@ class ArchetypalMatryoshkaTopKTrainingSAE(
 def init_decoder_from_candidates(
     sae: SAE[Any], candidates: torch.Tensor, init: DictionaryInit = "identity", seed: int | None = None
 ) -> None:
-    """Set a plain SAE's ``W_dec`` rows to candidates exactly as an archetypal dictionary would start
-    (``W_dec = W0 C``): the control for stability comparisons (a TopK SAE started from the same centroids).
-    The encoder is left as initialised."""
+    """Start a plain SAE where an archetypal dictionary starts: the control for stability comparisons (a
+    TopK SAE started from the same centroids; keep its auxiliary loss on, as SAELens's TopK does).
+
+    Decoder: ``W_dec = W0 C`` exactly as the archetypal dictionary's D at initialisation. Encoder: tied to the
+    same atoms, as SAELens ties its own initialisation (``W_enc = W_dec^T``), with column i scaled by
+    1 / ||d_i||^2::
+
+        W_enc[:, i] = d_i / ||d_i||^2,    b_enc = 0          (d_i = row i of W_dec; zero rows stay zero)
+
+    so the pre-activation of latent i is the coefficient of the orthogonal projection of x - b_dec onto d_i,
+    and ``z_i d_i`` is that projection. With ``rescale_acts_by_decoder_norm`` (SAELens's TopK default) the
+    TopK ranks z_i ||d_i|| = <x - b_dec, d_i / ||d_i||>, the projection length; without it the same function
+    results (the encoder's scale and the decoder's norm cancel). A random encoder instead leaves latents whose
+    atom is nowhere near the rows that select them, which start (and tend to stay) dead."""
     if not isinstance(sae._parameters.get("W_dec"), nn.Parameter):
         raise TypeError("init_decoder_from_candidates needs an SAE whose W_dec is a parameter")
     validate_candidates(candidates, sae.cfg.d_in)
     W0 = initial_mixing_matrix(sae.cfg.d_sae, candidates.shape[0], init, seed, dtype=torch.float64)
-    sae.W_dec.data.copy_((W0 @ candidates.double()).to(sae.W_dec.dtype))
+    atoms = W0 @ candidates.double()
+    sae.W_dec.data.copy_(atoms.to(sae.W_dec.dtype))
+    sq_norms = atoms.pow(2).sum(dim=1, keepdim=True)
+    encoder = torch.where(sq_norms > 0, atoms / sq_norms.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    sae.W_enc.data.copy_(encoder.T.to(sae.W_enc.dtype))
+    b_enc = sae._parameters.get("b_enc")
+    if isinstance(b_enc, nn.Parameter):
+        b_enc.data.zero_()
 
 
 ARCHITECTURES: list[tuple[str, type, type, type, type]] = [
@@ -567,7 +606,10 @@ __all__ = [
     "RASAETrainingSAE",
     "RASAETrainingSAEConfig",
     "init_decoder_from_candidates",
+    "MIXING_UPDATES",
+    "MixingUpdate",
     "initial_mixing_matrix",
     "validate_candidates",
     "validate_delta",
+    "validate_mixing",
 ]

@@ -15,6 +15,28 @@ keeps them exact::
 
     D = exp(m) diag(a) (W C + Lambda)
 
+How W is parametrised and moved by the optimizer (``mixing``; SAELens's ``SAETrainer`` runs ONE Adam over
+all parameters with one learning rate lr, and Adam moves every entry of a parameter by about lr per step
+whatever the size of its gradient -- it divides by the gradient's running RMS). With s = ``mixing_lr_scale``:
+
+- ``"adam"`` (the reference code, ``overcomplete``): the parameter is W itself, projected after each
+  optimizer step. Every entry of W moves by ~lr per step, so one step at lr = 1e-3 on n' = 1,024
+  candidates shifts ~n' lr / 2 ~ 0.5 of a one-hot row's mass onto other candidates: W stops being sparse
+  (archetypal) at once. s must be 1.
+- ``"scaled"``: the parameter is P with W = s P (Adam on P: P moves ~lr, W ~s lr per step; gradients reach P
+  as s dL/dW, which Adam's normalisation cancels). Projection keeps s P row-stochastic:
+  ``P_i <- relu(P_i) / (s sum_j relu(P_ij))``. s = 1 is ``"adam"`` exactly; s ~ 1/n' gives W entries a step
+  commensurate with their uniform value 1/n'.
+- ``"softmax"``: the parameter is a logit matrix L with W_i = softmax(s L_i) (row-wise). W is row-stochastic
+  by construction (no projection of W). Adam moves s L by ~s lr per step, so each entry of W changes by a
+  FACTOR exp(+-s lr) per step (a multiplicative / exponentiated-gradient-like update): near-zero entries stay
+  near zero and a row stays concentrated unless the gradient keeps pushing it. Rows start near one-hot:
+  L_ij = m / s on the initial candidate, 0 elsewhere, with m = log(p0 (n' - 1) / (1 - p0)) so the row max
+  is p0 = ``SOFTMAX_INIT_ROW_MAX`` (0.99); a row with no initial candidate (d_sae > n') starts uniform.
+
+``W`` is always the effective, row-stochastic matrix (a property for "scaled" / "softmax");
+``mixing_parameter`` is the tensor the optimizer steps.
+
 Constraints are kept by projecting the parameters onto their feasible sets, in place::
 
     W_i      <- relu(W_i) / sum_j relu(W_ij)          (a row with no positive entry becomes uniform 1/n')
@@ -54,6 +76,10 @@ from torch import nn
 from typing_extensions import override
 
 DictionaryInit = Literal["identity", "random_candidates"]
+MixingUpdate = Literal["adam", "scaled", "softmax"]
+MIXING_UPDATES: tuple[str, ...] = ("adam", "scaled", "softmax")
+SOFTMAX_INIT_ROW_MAX = 0.99  # "softmax": initial weight of each row's candidate
+_MIXING_PARAMETER_NAMES = {"adam": "W", "scaled": "W_scaled", "softmax": "W_logits"}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -128,16 +154,35 @@ def initial_mixing_matrix(
     return W
 
 
+def validate_mixing(mixing: str, mixing_lr_scale: float) -> None:
+    """Raise unless ``mixing`` is a known update of W and ``mixing_lr_scale`` fits it."""
+    if mixing not in MIXING_UPDATES:
+        raise ValueError(f"mixing_update must be one of {MIXING_UPDATES}, got {mixing!r}")
+    if (
+        not isinstance(mixing_lr_scale, (int, float))
+        or isinstance(mixing_lr_scale, bool)
+        or not math.isfinite(mixing_lr_scale)
+        or mixing_lr_scale <= 0
+    ):
+        raise ValueError(f"mixing_lr_scale must be a finite number > 0, got {mixing_lr_scale!r}")
+    if mixing == "adam" and mixing_lr_scale != 1:
+        raise ValueError(
+            f"mixing_lr_scale={mixing_lr_scale} has no effect with mixing_update='adam' (the reference "
+            f"update of W itself); use mixing_update='scaled' or 'softmax' for a different step size of W"
+        )
+
+
 @torch.no_grad()
-def project_rows_to_simplex_(W: torch.Tensor) -> None:
-    """W_i <- relu(W_i) / sum_j relu(W_ij), in place; a row with no positive entry becomes uniform 1/n'."""
+def project_rows_to_simplex_(W: torch.Tensor, row_sum: float = 1.0) -> None:
+    """W_i <- row_sum relu(W_i) / sum_j relu(W_ij), in place; a row with no positive entry becomes uniform
+    row_sum / n'. No host synchronisation (empty rows are handled with masks, not a branch)."""
     W.clamp_(min=0)
     sums = W.sum(dim=1, keepdim=True)
-    empty = sums.squeeze(1) <= 0
-    if bool(empty.any()):
-        W[empty] = 1.0 / W.shape[1]
-        sums[empty] = 1.0
-    W.div_(sums)
+    empty = sums <= 0  # after the clamp such a row is all zeros
+    W.add_(empty.to(W.dtype))  # ... and becomes all ones, then 1 / n' below
+    W.div_(torch.where(empty, torch.full_like(sums, W.shape[1]), sums))
+    if row_sum != 1:
+        W.mul_(row_sum)
 
 
 @torch.no_grad()
@@ -180,17 +225,22 @@ class ArchetypalDictionary(nn.Module):
         init_seed: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        mixing: MixingUpdate = "adam",
+        mixing_lr_scale: float = 1.0,
     ):
         super().__init__()
         validate_delta(delta)
         validate_candidates(candidates, d_in)
+        validate_mixing(mixing, mixing_lr_scale)
         dtype = dtype or candidates.dtype
         device = torch.device(device) if device is not None else candidates.device
         self.d_sae, self.d_in, self.delta = d_sae, d_in, float(delta)
         self.n_candidates = int(candidates.shape[0])
         self.register_buffer("C", candidates.detach().to(device=device, dtype=dtype).clone())
         self.register_buffer("atom_scale", torch.ones(d_sae, dtype=dtype, device=device))
-        self.W = nn.Parameter(initial_mixing_matrix(d_sae, self.n_candidates, init, init_seed, dtype, device))
+        self.mixing, self.mixing_lr_scale = mixing, float(mixing_lr_scale)
+        W0 = initial_mixing_matrix(d_sae, self.n_candidates, init, init_seed, dtype, device)
+        self.register_parameter(self.mixing_parameter_name, nn.Parameter(self._parameter_from_mixing(W0)))
         self.Lambda: nn.Parameter | None = (
             nn.Parameter(torch.zeros(d_sae, d_in, dtype=dtype, device=device)) if self.delta > 0 else None
         )
@@ -210,13 +260,91 @@ class ArchetypalDictionary(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_sae={self.d_sae}, n_candidates={self.n_candidates}, d_in={self.d_in}, delta={self.delta}, "
-            f"learn_scale={self.log_scale is not None}"
+            f"learn_scale={self.log_scale is not None}, mixing={self.mixing!r}, "
+            f"mixing_lr_scale={self.mixing_lr_scale}"
+        )
+
+    # -- the parametrisation of W (module docstring)
+    @property
+    def mixing_parameter_name(self) -> str:
+        """Name of the parameter the optimizer steps for W: ``W``, ``W_scaled`` or ``W_logits``."""
+        return _MIXING_PARAMETER_NAMES[self.mixing]
+
+    @property
+    def mixing_parameter(self) -> nn.Parameter:
+        """The parameter the optimizer steps for W (W itself for ``mixing="adam"``)."""
+        P = self._parameters.get(self.mixing_parameter_name)
+        if P is None:  # during construction, before it is registered
+            raise AttributeError(self.mixing_parameter_name)
+        return P
+
+    @property
+    def W(self) -> torch.Tensor:
+        """The row-stochastic mixing matrix [d_sae, n'] (differentiable; the parameter itself for "adam")."""
+        if "W" in self._parameters:
+            return self._parameters["W"]  # type: ignore[return-value]
+        return self._mixing_from_parameter(self.mixing_parameter)
+
+    def _mixing_from_parameter(self, P: torch.Tensor) -> torch.Tensor:
+        if self.mixing == "scaled":
+            return P * self.mixing_lr_scale
+        if self.mixing == "softmax":
+            return torch.softmax(P * self.mixing_lr_scale, dim=1)
+        return P
+
+    def _parameter_from_mixing(self, W0: torch.Tensor) -> torch.Tensor:
+        """The parameter value whose W is the initial W0 (one-hot or zero rows; near one-hot for softmax)."""
+        if self.mixing == "scaled":
+            return W0 / self.mixing_lr_scale
+        if self.mixing == "softmax":
+            n = W0.shape[1]
+            p0 = SOFTMAX_INIT_ROW_MAX
+            margin = math.log(p0 * (n - 1) / (1 - p0)) if n > 1 else 0.0
+            return W0 * (margin / self.mixing_lr_scale)
+        return W0
+
+    @torch.no_grad()
+    def _parameter_from_saved_W(self, W: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_mixing_from_parameter` for a saved row-stochastic W (exact up to rounding;
+        for "softmax" zero entries become log(tiny) / s)."""
+        if self.mixing == "scaled":
+            return W / self.mixing_lr_scale
+        if self.mixing == "softmax":
+            return W.clamp(min=torch.finfo(W.dtype).tiny).log() / self.mixing_lr_scale
+        return W
+
+    @override
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.mixing != "adam":  # every file also holds the effective W, for readers that know only W
+            W = self.W
+            destination[prefix + "W"] = W if keep_vars else W.detach()
+
+    @override
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        if self.mixing != "adam":
+            raw_key, w_key = prefix + self.mixing_parameter_name, prefix + "W"
+            if raw_key in state_dict:
+                state_dict.pop(w_key, None)  # derived from the raw parameter when it was saved
+            elif w_key in state_dict:  # a file with W only (an inference save, mixing_update="adam")
+                state_dict[raw_key] = self._parameter_from_saved_W(state_dict.pop(w_key))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     # -- constraints
     def _parameters_key(self) -> tuple[Any, ...]:
         """Changes when W or Lambda may have changed: in-place writes, new tensors, a forward pass."""
-        params = (p for p in (self.W, self.Lambda) if p is not None)
+        params = (p for p in (self.mixing_parameter, self.Lambda) if p is not None)
         return (self._n_forward_graphs, *((id(p), p._version) for p in params))
 
     def mark_projected(self) -> None:
@@ -226,9 +354,11 @@ class ArchetypalDictionary(nn.Module):
     @torch.no_grad()
     def project_(self) -> None:
         """Project W onto row-stochastic matrices and each Lambda_i onto the delta-ball, in place."""
-        if self.W.device.type != "meta":
+        P = self.mixing_parameter
+        if P.device.type != "meta":
             with torch.inference_mode(False):
-                project_rows_to_simplex_(self.W)
+                if self.mixing != "softmax":  # softmax rows are on the simplex by construction
+                    project_rows_to_simplex_(P, row_sum=1.0 / self.mixing_lr_scale)
                 if self.Lambda is not None:
                     clip_row_norms_(self.Lambda, self.delta)
         self.mark_projected()
@@ -259,7 +389,8 @@ class ArchetypalDictionary(nn.Module):
 
     # -- D
     def _tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.C, self.W, self.Lambda, self.atom_scale, self.log_scale) if t is not None]
+        tensors = (self.C, self.mixing_parameter, self.Lambda, self.atom_scale, self.log_scale)
+        return [t for t in tensors if t is not None]
 
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self._tensors())
@@ -318,9 +449,13 @@ class ArchetypalDictionary(nn.Module):
 __all__ = [
     "ArchetypalDictionary",
     "DictionaryInit",
+    "MIXING_UPDATES",
+    "MixingUpdate",
+    "SOFTMAX_INIT_ROW_MAX",
     "clip_row_norms_",
     "initial_mixing_matrix",
     "project_rows_to_simplex_",
     "validate_candidates",
     "validate_delta",
+    "validate_mixing",
 ]
