@@ -38,3 +38,34 @@ def load_script(script: str) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# overcomplete/__init__.py imports its plotting helpers, which need cv2 and a matplotlib older than ours
+# (``matplotlib.cm.get_cmap``); nothing in the tests plots, so they are replaced by an empty module while
+# importing.
+OVERCOMPLETE_PLOTTING = (
+    "overlay_top_heatmaps",
+    "evidence_top_images",
+    "zoom_top_images",
+    "contour_top_image",
+)
+
+
+def import_overcomplete_sae() -> types.ModuleType:
+    """The real ``overcomplete.sae`` module (a dev dependency), imported with its plotting package stubbed.
+
+    A missing package fails here, loudly. Pair with :func:`forget_overcomplete` when the test is done."""
+    plotting = types.ModuleType("overcomplete.visualization")
+    for name in OVERCOMPLETE_PLOTTING:
+        setattr(plotting, name, None)
+    sys.modules["overcomplete.visualization"] = plotting
+    try:
+        return importlib.import_module("overcomplete.sae")
+    finally:
+        del sys.modules["overcomplete.visualization"]
+
+
+def forget_overcomplete() -> None:
+    """Drop every ``overcomplete`` module from ``sys.modules`` (code under test must not rely on them)."""
+    for name in [n for n in sys.modules if n.split(".")[0] == "overcomplete"]:
+        del sys.modules[name]

@@ -216,7 +216,8 @@ class MatryoshkaTopKTrainingSAEConfig(TrainingSAEConfig):
             Default: the authors' ladder (64 doubling below d_sae, then d_sae).
         level_weighting: "uniform" (UW), "reverse" (RW: a_i = h - i + 1) or explicit non-negative weights.
         reconstruction_loss: "mse" (the paper's equation: squared error summed over d, mean over the batch) or
-            "nmse" (the authors' code: per sample sum_d (x_hat - x)^2 / sum_d (x - batch mean)^2, batch mean).
+            "nmse" (the authors' code: per sample sum_d (x_hat - x)^2 / sum_d (x - mu)^2, averaged over the
+            batch; mu is the dataset mean with ``standardize_input``, else the batch mean).
         normalize_decoder: decode with unit-norm decoder rows and drop the radial gradient component.
         inference_k, standardize_input: see ``MatryoshkaTopKSAEConfig``.
         standardize_scale: how the input scale is estimated: "mean_norm" s = sqrt(d) / E||x - mu|| (the
@@ -559,7 +560,10 @@ class MatryoshkaTopKTrainingSAE(_MatryoshkaTopKBase, TrainingSAE[MatryoshkaTopKT
     ) -> list[torch.Tensor]:
         """Per-level loss L(x_i, x) in the dictionary's (standardised) space."""
         if self.cfg.reconstruction_loss == "nmse":
-            variance = (target - target.mean(0, keepdim=True)).pow(2).sum(-1).clamp(min=1e-12)
+            # the authors divide by each row's squared distance to the dataset mean: with standardize_input
+            # the target is already centred on it; without, the batch mean is the best estimate at hand
+            centre = 0.0 if self.cfg.standardize_input else target.mean(0, keepdim=True)
+            variance = (target - centre).pow(2).sum(-1).clamp(min=1e-12)
             return [((r - target).pow(2).sum(-1) / variance).mean() for r in reconstructions]
         return [(r - target).pow(2).sum(-1).mean() for r in reconstructions]
 

@@ -6,13 +6,12 @@ our loader must reproduce overcomplete's own eval-mode forward pass. The package
 ``sys.modules`` before loading: the loader must not need it.
 """
 
-import importlib
 import json
 import sys
-import types
 
 import pytest
 import torch
+from helpers import forget_overcomplete, import_overcomplete_sae
 from sae_lens import SAE
 
 from sae_vision_ext.loading.convert import convert_file
@@ -24,29 +23,12 @@ REPO, FILE = "matybohacek/RA-SAE-DINOv2-32k", "RA-SAE-DINOv2-32k.pth"
 D_IN, D_SAE, N_CAND = 12, 40, 50
 register_releases()  # also done by ``import sae_vision_ext``; idempotent
 
-# overcomplete/__init__.py imports its plotting helpers, which need cv2 and a matplotlib older than ours
-# (``matplotlib.cm.get_cmap``); nothing here plots, so they are replaced by an empty module while importing.
-_PLOTTING = ("overlay_top_heatmaps", "evidence_top_images", "zoom_top_images", "contour_top_image")
-
-
-def _forget_overcomplete() -> None:
-    for name in [n for n in sys.modules if n.split(".")[0] == "overcomplete"]:
-        del sys.modules[name]
-
 
 @pytest.fixture
 def oc():
     """The real ``overcomplete.sae`` module, imported for the test and forgotten afterwards."""
-    plotting = types.ModuleType("overcomplete.visualization")
-    for name in _PLOTTING:
-        setattr(plotting, name, None)
-    sys.modules["overcomplete.visualization"] = plotting
-    try:  # a dev dependency (the Makefile installs it); a missing package fails here, loudly
-        sae_module = importlib.import_module("overcomplete.sae")
-    finally:
-        del sys.modules["overcomplete.visualization"]
-    yield sae_module
-    _forget_overcomplete()
+    yield import_overcomplete_sae()
+    forget_overcomplete()
 
 
 def _train_like(sae, delta=1.0):
@@ -106,7 +88,7 @@ def make_release_files(oc, tmp_path):
 def test_release_by_name_matches_overcomplete_eval_forward(oc, tmp_path, hf_cache):
     files, x, z_ref, x_hat_ref = make_release_files(oc, tmp_path)
     seed_hf_cache(REPO, files)
-    _forget_overcomplete()  # the loader must not need the package
+    forget_overcomplete()  # the loader must not need the package
 
     sae = SAE.from_pretrained("ra-sae-dinov2-vitb14-reg-32k", "32k")
     assert not [n for n in sys.modules if n.split(".")[0] == "overcomplete"]
@@ -115,7 +97,7 @@ def test_release_by_name_matches_overcomplete_eval_forward(oc, tmp_path, hf_cach
     assert sae.cfg.encoder_norm == "layer_norm"
     meta = sae.cfg.metadata
     assert meta.model_name == "timm:vit_base_patch14_reg4_dinov2.lvd142m"
-    assert meta.hook_name == "blocks.11.hook_resid_post" and meta.modality == "vision"
+    assert meta.hook_name == "hook_normed" and meta.modality == "vision"
     assert meta.source_class == "overcomplete.sae.batchtopk_sae.BatchTopKSAE"
     with torch.no_grad():
         z = sae.encode(x)
@@ -157,7 +139,7 @@ def test_ra_topk_sae_with_batchnorm_encoder(oc, tmp_path, saved):
     torch.save(sae if saved == "module" else sae.state_dict(), path)
     x = torch.randn(32, D_IN)
     z_ref, x_hat_ref = _eval_forward(sae, x)
-    _forget_overcomplete()
+    forget_overcomplete()
 
     if saved == "module":
         converted = convert_file(path)
@@ -183,7 +165,7 @@ def test_plain_dictionary_with_a_trained_multiplier(oc, tmp_path, cls_name, spar
     torch.save(sae, tmp_path / "sae.pt")
     x = torch.randn(16, D_IN)
     z_ref, x_hat_ref = _eval_forward(sae, x)
-    _forget_overcomplete()
+    forget_overcomplete()
 
     converted = convert_file(tmp_path / "sae.pt")
     assert converted.cfg.sparsity == sparsity and converted.cfg.encoder_norm == "none"

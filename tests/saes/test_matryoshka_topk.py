@@ -67,8 +67,9 @@ def reference_loss(sae, x):
         z = torch.zeros_like(pre).scatter(-1, idx, F.relu(pre.gather(-1, idx)))
         x_hat = z @ W_dec + sae.b_dec
         sq = (x_hat - x).pow(2).sum(-1)
-        if cfg.reconstruction_loss == "nmse":
-            sq = sq / (x - x.mean(0, keepdim=True)).pow(2).sum(-1)
+        if cfg.reconstruction_loss == "nmse":  # distance to the dataset mean (standardised: 0) or batch mean
+            centre = 0.0 if cfg.standardize_input else x.mean(0, keepdim=True)
+            sq = sq / (x - centre).pow(2).sum(-1)
         per_level.append(sq.mean())
     weighting = cfg.level_weighting
     h = len(cfg.k_levels)
