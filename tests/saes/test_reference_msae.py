@@ -168,8 +168,8 @@ def make_case(shape, seed=0):
 def test_loss_and_gradients_match_the_authors(shape, weighting, loss, plan):
     params, x_raw, k_levels, _ = make_case(shape)
     d_in = x_raw.shape[1]
-    # the authors' mean-centred setting with the batch as the whole dataset: mu = its mean (see item 3 and
-    # the xfail below for a minibatch), s = sqrt(d) / E||x - mu||^2 as their dataset computes it
+    # the authors' mean-centred setting with the batch as the whole dataset: mu = its mean (item 3; a
+    # minibatch off the dataset mean: the test after this one), s = sqrt(d) / E||x - mu||^2 as theirs
     mu = x_raw.mean(0)
     s = d_in**0.5 / (x_raw - mu).pow(2).sum(-1).mean().item()
     x_std = (x_raw - mu) * s
