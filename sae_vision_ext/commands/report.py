@@ -14,15 +14,18 @@ from sae_vision_ext.commands._common import CONFIG_DEST, add_config, new_parser,
 from sae_vision_ext.evals.report_config import ReportConfig
 from sae_vision_ext.training.config import option
 
-DESCRIPTION = """Train SAELens TopK / BatchTopK / ReLU, MSAE (uniform and reverse weighting), A-SAE and
-RA-SAE on the same activation rows (synthetic data by default, or a file / activation cache with --data),
-evaluate every saved checkpoint on held-out rows and write results.md, results.json and PNG plots (FVU
-against L0, stability) into --output. Every flag is a field of ReportConfig; --tiny switches every default
-to the test sizes (run `sae-vision report --tiny --help` to see them)."""
+DESCRIPTION = """Train SAELens TopK / BatchTopK / Matryoshka BatchTopK / ReLU, MSAE (uniform and reverse
+weighting), A-SAE and RA-SAE on the same activation rows (synthetic data by default, or a file / activation
+cache with --data), each once per seed (--seeds), evaluate every saved checkpoint on held-out rows and write
+results.md, results.json and PNG plots (FVU against the measured L0, stability) into --output. Metrics are
+mean ± std over the seeds at the L0 each SAE really reaches, and every family's FVU is interpolated at the
+TopK SAEs' L0s (matched L0; never extrapolated). Every flag is a field of ReportConfig; --tiny switches
+every default to the test sizes (run `sae-vision report --tiny --help` to see them)."""
 
 EPILOG = """examples:
   sae-vision report --output report_tiny --tiny
   sae-vision report --output report --data synthetic-hierarchical
+  sae-vision report --output report --seeds 5 --weights-dir /tmp/report_saes
   sae-vision report --output report_clip --data cache/hook_image_embed --key hook_image_embed \\
       --d-sae 4096 --topk-ks 16 32 64 --k 32 --msae-k-min 16 --n-candidates 16384
 """

@@ -29,9 +29,9 @@ EPILOG = """examples:
   sae-vision synthetic --kind sparse --output synth_sparse --n-atoms 128 --d-in 48 --true-k 6
   sae-vision synthetic --kind hierarchical --output synth_hier --stability-seeds 3
 
-The output folder holds results.md (tables, identifiability against the true atoms with the
-perfect-dictionary and random-dictionary baselines, FVU at matched k), results.json, fvu_vs_l0.png and the
-trained SAE checkpoints.
+The output folder holds results.md (tables as mean ± std over --seeds runs, identifiability against the
+true atoms with the perfect-dictionary and random-dictionary baselines, FVU at matched measured L0),
+results.json, fvu_vs_l0.png and the trained SAE checkpoints (or those go to --weights-dir).
 """
 
 # report fields that make no sense here: the command generates its own data

@@ -3,16 +3,23 @@
 
 Families (``MethodSpec.family``):
 
-==================  =====================================================================================
-``topk``            SAELens TopK (``k`` per sample, auxiliary loss on)
-``batchtopk``       SAELens BatchTopK (``k`` on average over the batch; saved as JumpReLU)
-``relu``            SAELens standard ReLU SAE with L1 penalty ``l1_coefficient``
-``msae_uw``         the plugin's Matryoshka TopK SAE, uniform level weights (``k_levels``)
-``msae_rw``         same with reverse weights (sparsest level weighs most)
-``a_sae``           archetypal SAE (TopK encoder, D in conv(C)), candidates = k-means centroids
-``ra_sae``          relaxed archetypal SAE (``delta``)
-``topk_centroids``  SAELens TopK whose decoder starts at the same centroids as RA-SAE (stability control)
-==================  =====================================================================================
+========================  ================================================================================
+``topk``                  SAELens TopK (``k`` per sample, auxiliary loss on)
+``batchtopk``             SAELens BatchTopK (``k`` on average over the batch; saved as JumpReLU)
+``matryoshka_batchtopk``  SAELens Matryoshka BatchTopK (Bussmann et al.: nested dictionary PREFIXES
+                          of ``matryoshka_widths``, one loss per prefix; BatchTopK ``k``; saved as JumpReLU)
+``relu``                  SAELens standard ReLU SAE with L1 penalty ``l1_coefficient``
+``msae_uw``               the plugin's Matryoshka TopK SAE, uniform level weights (``k_levels``)
+``msae_rw``               same with reverse weights (sparsest level weighs most)
+``a_sae``                 archetypal SAE (TopK encoder, D in conv(C)), candidates = k-means centroids
+``ra_sae``                relaxed archetypal SAE (``delta``)
+``topk_centroids``        SAELens TopK whose decoder starts at the same centroids as RA-SAE (control)
+========================  ================================================================================
+
+The JumpReLU-saved families (BatchTopK, Matryoshka BatchTopK) and ReLU do not hit a nominal k, and nor does a
+Matryoshka SAE's ``encode(x, k)`` when its ReLU support is smaller than k: every evaluated row carries the
+MEASURED L0 (``l0``, mean non-zero latents per held-out row) next to its nominal k, and comparisons should
+use the former.
 
 Every trained SAE is saved as a SAELens inference checkpoint and evaluated after loading it back, so the
 numbers describe exactly the weights on disk.
@@ -26,7 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens import BatchTopKTrainingSAEConfig, StandardTrainingSAEConfig, TopKTrainingSAEConfig
+from sae_lens import (
+    BatchTopKTrainingSAEConfig,
+    MatryoshkaBatchTopKTrainingSAEConfig,
+    StandardTrainingSAEConfig,
+    TopKTrainingSAEConfig,
+)
 from torch import Tensor
 
 from sae_vision_ext.activations.rows import rows_from_array
@@ -43,14 +55,27 @@ from sae_vision_ext.saes.archetypal import (
 from sae_vision_ext.saes.matryoshka_topk import MatryoshkaTopKTrainingSAEConfig
 from sae_vision_ext.training.candidates import compute_candidates, load_candidates
 
-FAMILIES = ("topk", "batchtopk", "relu", "msae_uw", "msae_rw", "a_sae", "ra_sae", "topk_centroids")
+FAMILIES = (
+    "topk",
+    "batchtopk",
+    "matryoshka_batchtopk",
+    "relu",
+    "msae_uw",
+    "msae_rw",
+    "a_sae",
+    "ra_sae",
+    "topk_centroids",
+)
 ARCHETYPAL_FAMILIES = ("a_sae", "ra_sae")
 CENTROID_FAMILIES = ("a_sae", "ra_sae", "topk_centroids")
 
 
 @dataclass
 class MethodSpec:
-    """One SAE to train. ``seed`` seeds the initialisation; ``kmeans_seed`` picks the candidates file."""
+    """One SAE to train. ``seed`` seeds the initialisation (and the batch order); ``kmeans_seed`` picks the
+    candidates file. ``setting`` names what the seeds repeat (default: ``name``): runs of one setting differ
+    only by their seeds and are averaged together in a report. ``matryoshka_widths``: the prefix widths of
+    ``matryoshka_batchtopk`` (default :func:`matryoshka_widths`)."""
 
     name: str
     family: str
@@ -62,10 +87,14 @@ class MethodSpec:
     k_levels: list[int] | None = None
     delta: float = 1.0
     inference_ks: list[int | None] = field(default_factory=lambda: [None])
+    matryoshka_widths: list[int] | None = None
+    setting: str | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}; choose from {FAMILIES}")
+        if self.setting is None:
+            self.setting = self.name
 
 
 def msae_k_levels(d_sae: int, k_min: int) -> list[int]:
@@ -76,6 +105,13 @@ def msae_k_levels(d_sae: int, k_min: int) -> list[int]:
         levels.append(k)
         k *= 2
     return levels + [d_sae]
+
+
+def matryoshka_widths(d_sae: int, n_levels: int = 5) -> list[int]:
+    """Default prefix widths of ``matryoshka_batchtopk``: ``d_sae`` halved ``n_levels - 1`` times, i.e. for
+    ``d_sae = 256``: ``[16, 32, 64, 128, 256]`` (doubling prefixes; the last level is the whole dictionary, as
+    SAELens requires). Widths below 1 or repeated are dropped."""
+    return sorted({max(1, d_sae >> j) for j in range(n_levels)})
 
 
 def build_training_sae(
@@ -90,6 +126,11 @@ def build_training_sae(
         return make_training_sae(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=spec.k))
     if family == "batchtopk":
         return make_training_sae(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=spec.k))
+    if family == "matryoshka_batchtopk":
+        widths = list(spec.matryoshka_widths or matryoshka_widths(d_sae))
+        return make_training_sae(
+            MatryoshkaBatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=spec.k, matryoshka_widths=widths)
+        )
     if family == "relu":
         return make_training_sae(
             StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=spec.l1_coefficient)
@@ -232,7 +273,10 @@ def evaluate_trained(
     cknna_topk: int = 10,
 ) -> list[dict[str, Any]]:
     """One row of :func:`evaluate_all` metrics per inference k of ``trained`` (dictionary metrics computed
-    once)."""
+    once). ``k_inference`` is the NOMINAL k (``"relu"``: a Matryoshka SAE's ReLU latents; ``None``: a ReLU
+    SAE); ``l0`` is the L0 measured on ``x_test``, which can be smaller (a ReLU support narrower than k) or,
+    for JumpReLU-saved BatchTopK SAEs, either side of it. ``setting``, ``seed`` and ``kmeans_seed`` identify
+    the run among the seeds of its setting."""
     spec = trained.spec
     rows: list[dict[str, Any]] = []
     for k in spec.inference_ks:
@@ -260,7 +304,10 @@ def evaluate_trained(
         rows.append(
             {
                 "method": spec.name,
+                "setting": spec.setting,
                 "family": spec.family,
+                "seed": spec.seed,
+                "kmeans_seed": spec.kmeans_seed if spec.family in CENTROID_FAMILIES else None,
                 "k_train": spec.k,
                 "k_inference": "relu" if msae_relu else (k or spec.k),
                 **metrics,

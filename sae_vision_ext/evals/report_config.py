@@ -14,7 +14,16 @@ from typing import Any
 from sae_vision_ext.training.config import option
 
 # the SAE families a report trains (evals.compare.FAMILIES without the stability-only topk_centroids)
-REPORT_FAMILIES = ("topk", "batchtopk", "relu", "msae_uw", "msae_rw", "a_sae", "ra_sae")
+REPORT_FAMILIES = (
+    "topk",
+    "batchtopk",
+    "matryoshka_batchtopk",
+    "relu",
+    "msae_uw",
+    "msae_rw",
+    "a_sae",
+    "ra_sae",
+)
 
 
 @dataclass
@@ -22,7 +31,15 @@ class ReportConfig:
     """Sizes and settings of a report run: the defaults are the full-size synthetic run, ``tiny()`` tests."""
 
     out: str = option(
-        "sae_report", "--output", required=True, help="output folder (results.md, results.json, PNGs, saes/)"
+        "sae_report",
+        "--output",
+        required=True,
+        help="output folder (results.md, results.json, PNGs; saes/ and candidates/ unless --weights-dir)",
+    )
+    weights_dir: str | None = option(
+        None,
+        help="folder for the trained checkpoints (saes/) and k-means candidates (candidates/) "
+        "(None: the output folder)",
     )
     data: str = option(
         "synthetic-hierarchical",
@@ -41,7 +58,13 @@ class ReportConfig:
     )
     d_sae: int = option(256, help="latents of every SAE")
     topk_ks: list[int] = option([3, 6, 12, 24], metavar="K", help="k values of the TopK SAEs")
-    k: int = option(6, help="k of BatchTopK, A-SAE, RA-SAE and the stability runs")
+    k: int = option(6, help="k of BatchTopK, Matryoshka BatchTopK, A-SAE, RA-SAE and the stability runs")
+    matryoshka_widths: list[int] = option(
+        [],
+        metavar="W",
+        help="prefix widths of matryoshka_batchtopk, increasing, the last one d_sae "
+        "(none given: d_sae/16, d_sae/8, d_sae/4, d_sae/2, d_sae)",
+    )
     msae_k_min: int = option(3, help="first MSAE level (then doubled up to d_sae)")
     inference_ks: list[int] = option(
         [1, 2, 3, 6, 12, 24, 48, 96], metavar="K", help="inference k values of the MSAE"
@@ -52,6 +75,11 @@ class ReportConfig:
     lr: float = option(3e-3, help="learning rate")
     n_candidates: int = option(1024, help="k-means candidates of A-SAE / RA-SAE")
     delta: float = option(1.0, help="RA-SAE relaxation bound")
+    seeds: int = option(
+        3,
+        help="runs of every family, init seed 0..seeds-1 (A-SAE / RA-SAE: k-means seed too); tables give "
+        "mean ± std over them, plots error bars and min-max bands",
+    )
     stability_seeds: int = option(3, help="runs per stability protocol (below 2: no stability study)")
     families: list[str] = option(
         list(REPORT_FAMILIES),
@@ -62,7 +90,9 @@ class ReportConfig:
     stability: bool = option(True, cmd=False)
     n_probe_classes: int = option(16, help="classes of the downstream linear probe")
     cknna_rows: int = option(1000, help="rows of the CKNNA estimate")
-    seed: int = option(0, help="seed of the data split, initialisations and k-means")
+    seed: int = option(
+        0, help="seed of the synthetic data and of the probe's k-means pseudo-classes (SAE seeds: --seeds)"
+    )
 
     @classmethod
     def tiny(cls, **overrides: Any) -> ReportConfig:
@@ -77,6 +107,7 @@ class ReportConfig:
             n_train_rows=1536,
             batch_size=128,
             n_candidates=96,
+            seeds=2,
             stability_seeds=2,
             n_probe_classes=4,
             cknna_rows=200,

@@ -73,6 +73,7 @@ def test_synthetic_command_config_sizes_follow_the_ground_truth(tmp_path):
     assert cfg.data == "synthetic-hierarchical" and cfg.d_sae == 5 * (1 + 3)
     assert cfg.synthetic_kwargs["k_coarse"] == 2 and cfg.k == 4 and cfg.topk_ks == [2, 4, 8]
     assert cfg.stability is False and cfg.n_candidates >= 4 * cfg.d_sae
+    assert cfg.seeds == 2 and "matryoshka_batchtopk" in cfg.families  # the tiny preset's seeds, every family
     cfg, _ = synthetic_config(["--output", str(tmp_path), "--d-sae", "40", "--k", "3"])
     assert cfg.data == "synthetic-sparse" and cfg.d_sae == 40 and cfg.k == 3
     assert cfg.synthetic_kwargs == {"d_in": 32, "n_atoms": 64, "k": 4, "noise_std": 0.01}
@@ -121,4 +122,7 @@ def test_synthetic_command_reports_identifiability_against_baselines(tmp_path):
     assert ident["true atoms, permuted (baseline)"] == pytest.approx(1.0, abs=1e-6)
     random_baseline = ident["random unit atoms, 16 (baseline)"]
     assert ident["topk_k2"] > random_baseline + 0.1 and ident["ra_sae_k2"] > random_baseline + 0.1
+    seeds = {row["method"]: row for row in payload["identifiability"] if "n_seeds" in row}
+    assert seeds["ra_sae_k2"]["n_seeds"] == 2  # the mean of one run per seed (k-means seed varied too)
+    assert set(seeds["ra_sae_k2"]["per_seed"]) == {"ra_sae_k2", "ra_sae_k2_seed1_kmeans1"}
     assert "## Identifiability" in (tmp_path / "results.md").read_text()

@@ -36,10 +36,15 @@ def test_compare_saes_tiny_writes_a_report_its_weights_reproduce(tmp_path):
         "4",
         "--stability-seeds",
         "0",
+        "--weights-dir",
+        str(tmp_path / "weights"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     text = (tmp_path / "results.md").read_text()
     assert "## Data" in text and "## Weights" in text and "Stability" not in text
+    assert (
+        not (tmp_path / "saes").exists() and (tmp_path / "weights" / "saes" / "topk_k4" / "cfg.json").exists()
+    )
     assert (tmp_path / "fvu_vs_l0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     payload = json.loads((tmp_path / "results.json").read_text())
     cfg = ReportConfig.tiny()
@@ -58,4 +63,4 @@ def test_compare_saes_tiny_writes_a_report_its_weights_reproduce(tmp_path):
         assert at_k["fvu"] == pytest.approx(row["fvu"], rel=1e-4)
         fvus.append(at_k["fvu"])
     assert fvus[0] > fvus[-1]  # one Matryoshka SAE: FVU falls as the inference k grows
-    assert "msae_rw" in result.stdout  # the example prints the table
+    assert "msae_rw" in result.stdout and " ± " in result.stdout  # the example prints the table with spread
