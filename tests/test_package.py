@@ -44,7 +44,9 @@ def test_import_is_light_and_imports_neither_torch_nor_sae_lens():
         # a method module imports SAELens
         "from sae_vision_ext.saes.matryoshka_topk import MatryoshkaTopKSAE",
         pytest.param("from sae_vision_ext.saes.archetypal import RASAE", marks=pytest.mark.slow),
-        "from sae_vision_ext.loading.overcomplete import OvercompleteSAE",
+        pytest.param(
+            "from sae_vision_ext.loading.overcomplete import OvercompleteSAE", marks=pytest.mark.slow
+        ),
         "import sae_vision_ext.training.runner",  # a module of another layer imports SAELens
     ],
 )

@@ -135,6 +135,7 @@ def test_shard_assignment_is_disjoint_and_covering():
         assert sorted(i for p in parts for i in p) == todo
 
 
+@pytest.mark.slow  # ~50 s under torchrun; the default run keeps one torchrun test (training)
 def test_sae_vision_cache_under_torchrun_equals_a_single_process_run(tmp_path):
     """``torchrun --nproc_per_node 2 -m sae_vision_ext.cli cache ...`` writes the single-process cache."""
     import subprocess

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE
@@ -40,6 +41,7 @@ def _single_process_sae(cache: Path) -> TrainingSAE:
         return SAETrainer(cfg, sae, RankBatches(rows, BATCH, shuffle_seed=0)).fit()
 
 
+@pytest.mark.slow  # ~50 s under torchrun; the default run keeps one torchrun test (training)
 def test_torchrun_two_processes_match_single_process(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     command = [

@@ -93,6 +93,7 @@ def test_run_report_has_a_bar_over_its_steps(tmp_path, capsys):
         stability=False,
         n_train_rows=256,
         max_rows=1024,
+        seeds=1,
     )
     assert report_steps(cfg) == 3  # data and probe, one method, tables and plots
     run_report(cfg)
