@@ -44,6 +44,7 @@ from torch import Tensor
 from sae_vision_ext.activations.rows import rows_from_array
 from sae_vision_ext.evals.dictionary import decoder_atoms, dictionary_report
 from sae_vision_ext.evals.reconstruction import evaluate_sae
+from sae_vision_ext.evals.report_config import REPORT_FAMILIES
 from sae_vision_ext.evals.representation import cknna, downstream_preservation
 from sae_vision_ext.evals.synthetic import identifiability
 from sae_vision_ext.evals.train import make_training_sae, to_inference_sae, train_in_memory
@@ -55,17 +56,7 @@ from sae_vision_ext.saes.archetypal import (
 from sae_vision_ext.saes.matryoshka_topk import MatryoshkaTopKTrainingSAEConfig
 from sae_vision_ext.training.candidates import compute_candidates, load_candidates
 
-FAMILIES = (
-    "topk",
-    "batchtopk",
-    "matryoshka_batchtopk",
-    "relu",
-    "msae_uw",
-    "msae_rw",
-    "a_sae",
-    "ra_sae",
-    "topk_centroids",
-)
+FAMILIES = (*REPORT_FAMILIES, "topk_centroids")  # the control trains only in stability studies
 ARCHETYPAL_FAMILIES = ("a_sae", "ra_sae")
 CENTROID_FAMILIES = ("a_sae", "ra_sae", "topk_centroids")
 
