@@ -5,7 +5,7 @@ Kept free of heavy imports (no torch), so configs and ``sae-vision --help`` can 
 
 from __future__ import annotations
 
-TOKEN_SELECTIONS = ("cls", "registers", "prefix", "patches", "all")
+TOKEN_SELECTIONS = ("cls", "registers", "prefix", "patches", "spatial", "all")  # spatial: CNN maps
 # selections that read one row per image from a fixed hook
 POOLED_SELECTIONS = {"pooled": "hook_pooled", "embed": "hook_image_embed"}
 ALL_SELECTIONS = TOKEN_SELECTIONS + tuple(POOLED_SELECTIONS)

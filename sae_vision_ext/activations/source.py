@@ -26,6 +26,7 @@ from sae_vision_ext.activations.options import (  # noqa: F401  (re-exported)
     TOKEN_SELECTIONS,
     resolve_hooks,
 )
+from sae_vision_ext.vision.tokens import layout_of
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +44,21 @@ def forward_lock(model: Any) -> threading.Lock:
         return lock
 
 
-def stop_layer_for(hook_names: list[str]) -> int | None:
-    """``stop_at_layer`` that still computes every hook: one past the deepest block, None for a full pass."""
+def stop_layer_for(hook_names: list[str], model: Any = None) -> int | None:
+    """``stop_at_layer`` that still computes every hook: one past the deepest block (a CNN: stage), None
+    for a full pass. ``model.layer_of`` places each hook; without a model, ViT names are read."""
     layers = []
     for name in hook_names:
-        if name == "hook_embed":
-            layers.append(-1)
-            continue
-        match = re.match(r"blocks\.(\d+)\.", name)
-        if match is None:
+        if model is not None and hasattr(model, "layer_of"):
+            layer = model.layer_of(name)
+        elif name == "hook_embed":
+            layer = -1
+        else:
+            match = re.match(r"blocks\.(\d+)\.", name)
+            layer = int(match.group(1)) if match else None
+        if layer is None:
             return None
-        layers.append(int(match.group(1)))
+        layers.append(layer)
     return max(layers) + 1 if layers else None
 
 
@@ -71,7 +76,7 @@ def tokens_per_image(model: Any, hook_name: str, token_selection: str) -> int:
         raise ValueError(
             f"{hook_name!r} is a token hook; token_selection {token_selection!r} needs a pooled hook"
         )
-    layout = model.token_layout
+    layout = layout_of(model, hook_name)
     return len(range(layout.n_tokens)[layout.token_slice(token_selection)])
 
 
@@ -84,7 +89,7 @@ def select_rows(model: Any, acts: torch.Tensor, hook_name: str, token_selection:
             f"{hook_name!r} gives tokens {list(acts.shape)}; token_selection {token_selection!r} "
             "needs hook_pooled or hook_image_embed"
         )
-    selected = model.token_layout.select(acts, token_selection)
+    selected = layout_of(model, hook_name).select(acts, token_selection)
     return selected.reshape(-1, selected.shape[-1])
 
 
@@ -136,7 +141,7 @@ class ImageActivationSource:
                 f"hooks give different numbers of rows per image under {token_selection!r}: {counts}"
             )
         self.tokens_per_image = next(iter(counts.values()))
-        self.stop_at_layer = stop_layer_for(self.hook_names)
+        self.stop_at_layer = stop_layer_for(self.hook_names, model)
         self.model_batch_size = int(model_batch_size)
         self.num_workers = int(num_workers)
         self.dtype = dtype

@@ -30,11 +30,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sae_vision_ext.activations.source import stop_layer_for
 from sae_vision_ext.analysis.dashboard_page import render_dashboard_html
 from sae_vision_ext.evals.plots import plot_fvu_vs_l0
 from sae_vision_ext.evals.reconstruction import ReconstructionAccumulator, evaluate_sae
 from sae_vision_ext.vision.splice import sae_hook_name, sae_token_selection
-from sae_vision_ext.vision.tokens import check_pooled_selection, token_positions
+from sae_vision_ext.vision.tokens import check_pooled_selection, layout_of, token_positions
 
 RANKINGS = ("total", "frequency", "max")
 
@@ -72,13 +73,9 @@ def _as_batch(images: Sequence[Any], preprocess: Callable[[Any], Tensor]) -> Ten
 
 def _hook_activations(model: Any, hook_name: str, batch: Tensor) -> Tensor:
     """The activation at ``hook_name`` for a preprocessed batch, running no further than needed."""
-    stop = None
-    if hook_name.startswith("blocks."):
-        stop = int(hook_name.split(".")[1]) + 1
-        if stop >= model.n_layers:
-            stop = None
-    elif hook_name == "hook_embed":
-        stop = 0
+    stop = stop_layer_for([hook_name], model)
+    if stop is not None and stop >= model.n_layers:
+        stop = None
     kwargs = {"stop_at_layer": stop} if stop is not None else {}
     with torch.no_grad():
         _, cache = model.run_with_cache(batch, names_filter=[hook_name], **kwargs)
@@ -132,7 +129,7 @@ def collect_dashboard_data(
             f"an SAE is spliced at {hook_name!r}; call model.reset_saes() before building a dashboard"
         )
     selection = sae_token_selection(sae)
-    layout = getattr(model, "token_layout", None)
+    layout = layout_of(model, hook_name)
     d_sae = int(sae.cfg.d_sae)
     top_k = max(1, min(top_k, len(images)))
 
@@ -246,7 +243,7 @@ def _fill_heatmaps(
     batch_size: int,
     progress: bool = True,
 ) -> None:
-    layout = model.token_layout
+    layout = layout_of(model, hook_name)
     needed = sorted({top.index for card in cards for top in card.top})
     latent_index = torch.tensor([card.latent for card in cards], dtype=torch.long)
     maps: dict[int, Tensor] = {}
@@ -311,7 +308,7 @@ def collect_rows(
             if acts.dim() == 2:
                 chunks.append(acts)
                 continue
-            positions = token_positions(model.token_layout, selection, acts.shape[1])
+            positions = token_positions(layout_of(model, hook_name), selection, acts.shape[1])
             rows = acts if positions is None else acts[:, positions]
             chunks.append(rows.reshape(-1, rows.shape[-1]))
     return torch.cat(chunks).float()

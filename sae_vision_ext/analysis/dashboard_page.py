@@ -70,15 +70,17 @@ def _card_context(card: Any, thumbs: dict[int, Image.Image]) -> dict[str, Any]:
     pieces = []
     for top in card.top:
         width, height = thumbs[top.index].size
-        overlay = None
+        overlay, grid = None, ""
         if top.heatmap is not None and scale > 0:
             overlay = _png_base64(heatmap_overlay(top.heatmap, scale, (width, height)))
+            grid = "x".join(str(n) for n in top.heatmap.shape)
         pieces.append(
             {
                 "index": top.index,
                 "width": width,
                 "height": height,
                 "overlay": overlay,
+                "grid": grid,
                 "activation": format_number(top.activation),
                 "label": format_number(top.activation, 2),
             }

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from sae_vision_ext.vision.splice import hooks_disabled, sae_hook_name
-from sae_vision_ext.vision.tokens import TokenSelection, check_pooled_selection, token_positions
+from sae_vision_ext.vision.tokens import TokenSelection, check_pooled_selection, layout_of, token_positions
 
 MODES = ("add", "clamp", "scale", "ablate")
 
@@ -176,7 +176,7 @@ def steer(
     if bad:
         raise IndexError(f"latents {bad} out of range for d_sae={d_sae}")
     values = _as_values(value, len(latent_list), mode)
-    layout = getattr(model, "token_layout", None)
+    layout = layout_of(model, hook_name)
     wrapper_of = getattr(model, "sae_wrapper", None)
     wrapper = wrapper_of(hook_name) if wrapper_of is not None else None
     spliced = wrapper is not None and wrapper.sae is sae

@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sae_vision_ext.training.progress import RANDOM_WEIGHTS_BANNER
     from sae_vision_ext.training.runner import VisionSAETrainingRunner
     from sae_vision_ext.vision.load import describe_weights, load_vision_model_or_random
+    from sae_vision_ext.vision.tokens import layout_of
 
     cfg = runner_config(q)
     images = sample_images()
@@ -160,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg.sae = msae_config(d_in, q)
     print(
         f"model: {cfg.model_name} ({describe_weights(weights)}) at {model.cfg.image_size[0]}px, hook "
-        f"{q.hook_name}, {q.token_selection} tokens ({model.token_layout.n_patches} per image)"
+        f"{q.hook_name}, {q.token_selection} tokens ({layout_of(model, q.hook_name).n_patches} per image)"
     )
     print(
         f"SAE: matryoshka_topk d_in={d_in} d_sae={cfg.sae.d_sae} k_levels={cfg.sae.k_levels} weighting="

@@ -93,7 +93,7 @@ def cache_activations(
         **settings,
         "modality": "vision",
         "image_size": list(model.cfg.image_size),
-        "token_layout": token_layout_dict(model),
+        "token_layout": token_layout_dict(model, source.hook_names[0]),  # hooks give equal row counts
     }
     shard_images = max(
         cfg.model_batch_size, cfg.images_per_shard // cfg.model_batch_size * cfg.model_batch_size

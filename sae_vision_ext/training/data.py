@@ -19,6 +19,7 @@ from sae_vision_ext.activations.source import ImageActivationSource, tokens_per_
 from sae_vision_ext.activations.store import CachedActivationStore, ImageActivationStore
 from sae_vision_ext.training.config import VisionSAERunnerConfig
 from sae_vision_ext.vision.load import load_vision_model_with_record
+from sae_vision_ext.vision.tokens import layout_of
 
 
 def load_model_for(cfg: VisionSAERunnerConfig) -> tuple[Any, Any, dict[str, Any]]:
@@ -35,9 +36,11 @@ def load_model_for(cfg: VisionSAERunnerConfig) -> tuple[Any, Any, dict[str, Any]
     )
 
 
-def token_layout_dict(model: Any) -> dict[str, Any]:
-    """The model's token layout as stored in SAE and cache metadata."""
-    layout = model.token_layout
+def token_layout_dict(model: Any, hook_name: str) -> dict[str, Any] | None:
+    """The token layout at ``hook_name`` as stored in SAE and cache metadata (None for a pooled hook)."""
+    layout = layout_of(model, hook_name)
+    if layout is None:
+        return None
     return {
         "n_cls": layout.n_cls,
         "n_registers": layout.n_registers,
@@ -64,7 +67,7 @@ def vision_metadata(
         meta.update(
             image_size=list(model.cfg.image_size),
             context_size=tokens_per_image(model, hook, cfg.token_selection),
-            token_layout=token_layout_dict(model),
+            token_layout=token_layout_dict(model, hook),
         )
     if cache_meta:
         kept = (

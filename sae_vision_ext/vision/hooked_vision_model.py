@@ -52,7 +52,7 @@ from sae_vision_ext.vision.splice import SAESplicingMixin
 
 BLOCK_HOOKS_FULL = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 BLOCK_HOOKS_COARSE = ("hook_resid_pre", "hook_resid_post")
-TOKEN_SELECTIONS = ("cls", "registers", "prefix", "patches", "all")
+TOKEN_SELECTIONS = ("cls", "registers", "prefix", "patches", "spatial", "all")
 
 
 class UnknownHookError(KeyError):
@@ -91,7 +91,7 @@ class TokenLayout:
         return self.n_prefix + self.n_patches
 
     def token_slice(self, which: str) -> slice:
-        """Positions of ``which`` in the sequence: cls | registers | prefix | patches | all."""
+        """Positions of ``which`` in the sequence: cls | registers | prefix | patches (= spatial) | all."""
         if which == "cls":
             if self.n_cls == 0:
                 raise ValueError(
@@ -105,7 +105,7 @@ class TokenLayout:
             return slice(self.n_cls, self.n_prefix)
         if which == "prefix":
             return slice(0, self.n_prefix)
-        if which == "patches":
+        if which in ("patches", "spatial"):
             return slice(self.n_prefix, self.n_tokens)
         if which == "all":
             return slice(0, self.n_tokens)
@@ -157,33 +157,34 @@ class BlockHooks(nn.Module):
 
 
 def describe_hook_names(names: Sequence[str]) -> str:
-    """Compact listing: per-block names as ``blocks.{0..11}.hook_x``, others verbatim."""
-    per_block: dict[str, list[int]] = {}
-    others: list[str] = []
+    """Compact listing: names that differ only in their last index as ``blocks.{0..11}.hook_x``
+    (``stages.2.blocks.{0..5}.hook_out``), others verbatim, in order of first appearance."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    order: list[str | tuple[str, str]] = []
     for name in names:
-        match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-        if match:
-            per_block.setdefault(match.group(2), []).append(int(match.group(1)))
-        else:
-            others.append(name)
-    parts = [n for n in others if n == "hook_embed"]
-    for suffix, layers in per_block.items():
-        layers = sorted(set(layers))
-        contiguous = layers == list(range(layers[0], layers[-1] + 1))
+        match = re.fullmatch(r"(.+)\.(\d+)\.([^.]+)", name)
+        if match is None:
+            order.append(name)
+            continue
+        key = (match.group(1), match.group(3))
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(int(match.group(2)))
+    parts = []
+    for item in order:
+        if isinstance(item, str):
+            parts.append(item)
+            continue
+        layers = sorted(set(groups[item]))
         if len(layers) == 1:
             idx = str(layers[0])
-        elif contiguous:
+        elif layers == list(range(layers[0], layers[-1] + 1)):
             idx = f"{{{layers[0]}..{layers[-1]}}}"
         else:
             idx = "{" + ",".join(map(str, layers)) + "}"
-        parts.append(f"blocks.{idx}.{suffix}")
-    parts += [n for n in others if n != "hook_embed"]
+        parts.append(f"{item[0]}.{idx}.{item[1]}")
     return ", ".join(parts) if parts else "(none)"
-
-
-def _layer_of(name: str) -> int | None:
-    match = re.match(r"blocks\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
 
 
 class HookedVisionModel(SAESplicingMixin, HookedRootModule):
@@ -196,6 +197,7 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
     """
 
     batch_first: bool = True
+    layer_noun: str = "blocks"  # what ``stop_at_layer`` counts
 
     def __init__(self, model: nn.Module, spec: str, family: str):
         super().__init__()
@@ -203,6 +205,14 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
         self.spec = spec
         self.family = family
         self.__dict__["_preprocess"] = None
+        self._build_hooks()
+        self.token_layout = self._token_layout()
+        self.cfg = self._make_cfg()
+        self._hook_widths = self._compute_hook_widths()
+        self.setup()
+
+    def _build_hooks(self) -> None:
+        """The wrapper's HookPoints, at the attribute paths that are their names."""
         blocks = list(self._library_blocks())
         self._block_kinds = [self._block_kind(block) for block in blocks]
         self.hook_embed = HookPoint()
@@ -215,10 +225,6 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
         self.hook_pooled = HookPoint()
         if self.has_image_embed:
             self.hook_image_embed = HookPoint()
-        self.token_layout = self._token_layout()
-        self.cfg = self._make_cfg()
-        self._hook_widths = self._compute_hook_widths()
-        self.setup()
 
     def setup(self):
         """Index the wrapper's own HookPoints (never touches the wrapped model's modules)."""
@@ -324,9 +330,23 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
         self.hook_width(name)
         return name not in ("hook_pooled", "hook_image_embed")
 
+    def layout_at(self, name: str) -> TokenLayout:
+        """Token layout of the activation at token hook ``name`` (the same for every hook of a ViT)."""
+        if not self.is_token_hook(name):
+            raise ValueError(f"{name!r} is pooled ([batch, d], one vector per image): it has no tokens")
+        return self.token_layout
+
+    def layer_of(self, name: str) -> int | None:
+        """Block index whose run computes hook ``name`` (-1 before the first block); None when only the
+        full forward does (final norm, pooling, head). ``stop_at_layer=layer_of(name) + 1`` reaches it."""
+        if name.partition(".")[0] == "hook_embed":  # also the hooks of an SAE spliced there
+            return -1
+        match = re.match(r"blocks\.(\d+)\.", name)
+        return int(match.group(1)) if match else None
+
     def _unknown_hook(self, name: Any, valid: Sequence[str] | None = None) -> UnknownHookError:
         valid = list(self.hook_dict) if valid is None else list(valid)
-        message = f"unknown hook name {name!r} for {self.spec} ({self.n_layers} blocks)."
+        message = f"unknown hook name {name!r} for {self.spec} ({self.n_layers} {self.layer_noun})."
         close = difflib.get_close_matches(str(name), valid, n=1)
         if close:
             message += f" Did you mean {close[0]!r}?"
@@ -391,7 +411,7 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
         stop = stop_at_layer + n if stop_at_layer < 0 else stop_at_layer
         if not 0 <= stop <= n:
             raise ValueError(
-                f"stop_at_layer={stop_at_layer} is out of range for {n} blocks "
+                f"stop_at_layer={stop_at_layer} is out of range for {n} {self.layer_noun} "
                 f"(use 0..{n}, or a negative index)"
             )
         return stop
@@ -449,11 +469,8 @@ class HookedVisionModel(SAESplicingMixin, HookedRootModule):
             stop = self._resolve_stop(stop)
             names = [names_filter] if isinstance(names_filter, str) else names_filter
             for name in names:
-                layer = _layer_of(name)
-                unreachable = name in ("hook_normed", "hook_pooled", "hook_image_embed") or (
-                    layer is not None and layer >= stop
-                )
-                if unreachable:
+                layer = self.layer_of(name)
+                if layer is None or layer >= stop:
                     raise ValueError(
                         f"{name!r} is not computed with stop_at_layer={kwargs['stop_at_layer']} "
                         f"(blocks 0..{stop - 1} run)"

@@ -25,12 +25,14 @@ import timm
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from timm.data import create_transform, resolve_model_data_config
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sae_vision_ext.errors import UserError
 from sae_vision_ext.vision.hooked_vision_model import HookedVisionModel
 from sae_vision_ext.vision.open_clip import OpenClipHookedVisionModel
 from sae_vision_ext.vision.timm import TimmHookedVisionModel
+from sae_vision_ext.vision.timm_cnn import CNN_CLASSES, TimmHookedConvNet
 
 SPEC_EXAMPLES = "'timm:vit_base_patch14_reg4_dinov2.lvd142m' or 'open_clip:ViT-B-32/laion2b_s34b_b79k'"
 
@@ -49,15 +51,18 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def wrap_model(model: nn.Module, spec: str | None = None) -> HookedVisionModel:
-    """Hook a bare timm ``VisionTransformer`` or an open_clip model / visual tower (not copied)."""
+    """Hook a bare timm ``VisionTransformer`` / ResNet / ConvNeXt or an open_clip model / visual tower (not
+    copied)."""
     module = type(model).__module__
     if module.startswith("open_clip"):
         return OpenClipHookedVisionModel(model, spec=spec)
-    if module.startswith("timm"):
+    if isinstance(model, CNN_CLASSES):
+        return TimmHookedConvNet(model, spec=spec)
+    if isinstance(model, VisionTransformer):
         return TimmHookedVisionModel(model, spec=spec)
     raise TypeError(
-        f"cannot hook a {module}.{type(model).__name__}: expected a timm VisionTransformer or an "
-        "open_clip CLIP / CustomTextCLIP / VisionTransformer / TimmModel"
+        f"cannot hook a {module}.{type(model).__name__}: expected a timm VisionTransformer, ResNet or "
+        "ConvNeXt, or an open_clip CLIP / CustomTextCLIP / VisionTransformer / TimmModel"
     )
 
 
@@ -275,7 +280,8 @@ def _load_timm(spec, name, pretrained, device, img_size, weights, kwargs):
             f"unknown timm model {name!r} in {spec!r}; see timm.list_models(), e.g. {SPEC_EXAMPLES}"
         )
     kwargs = dict(kwargs)
-    if img_size is not None:
+    is_cnn = _is_timm_cnn(name)
+    if img_size is not None and not is_cnn:  # a CNN takes any size: only the transform changes
         kwargs["img_size"] = img_size
     if weights is not None:
         model = timm.create_model(
@@ -292,10 +298,24 @@ def _load_timm(spec, name, pretrained, device, img_size, weights, kwargs):
         model = timm.create_model(name, pretrained=False, **kwargs)
     model = model.to(device).eval()
     data_cfg = resolve_model_data_config(model)
+    if is_cnn:
+        size = data_cfg["input_size"][-2:] if img_size is None else _pair(img_size)
+        hooked = TimmHookedConvNet(model, spec=spec, image_size=size)
+    else:
+        hooked = TimmHookedVisionModel(model, spec=spec)
     # the pretrained cfg keeps the default resolution; the transform must produce the model's input size
-    data_cfg["input_size"] = (model.in_chans, *(int(s) for s in model.patch_embed.img_size))
-    preprocess = create_transform(**data_cfg, is_training=False)
-    return TimmHookedVisionModel(model, spec=spec), preprocess
+    data_cfg["input_size"] = (hooked.cfg.in_chans, *hooked.cfg.image_size)
+    return hooked, create_transform(**data_cfg, is_training=False)
+
+
+def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _is_timm_cnn(name: str) -> bool:
+    """Whether timm builds ``name`` in its ResNet / ConvNeXt module (read from the registry, not built)."""
+    entrypoint = timm.models.model_entrypoint(name.partition(".")[0])
+    return entrypoint.__module__ in {cls.__module__ for cls in CNN_CLASSES}
 
 
 def _load_open_clip(spec, name, pretrained, device, img_size, weights, kwargs):

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from sae_vision_ext.vision.tokens import TokenSelection, check_pooled_selection, token_positions
+from sae_vision_ext.vision.tokens import TokenSelection, check_pooled_selection, layout_of, token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class SAESplicingMixin:
         wrapper = VisionSAEWrapper(
             sae,
             original_hook=original,
-            token_layout=getattr(self, "token_layout", None),
+            token_layout=layout_of(self, hook_name),
             use_error_term=effective_error_term,
             tokens=selection,
         )

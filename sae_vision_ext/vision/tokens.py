@@ -6,7 +6,7 @@ patches...]`` (see ``TokenLayout``). A selection names which positions an SAE or
 - ``"all"`` (also ``None`` and ``"pooled"``): every position;
 - ``"cls"``: ``[0, n_cls)``; ``"registers"``: ``[n_cls, n_cls + n_registers)``;
   ``"prefix"``: ``[0, n_prefix)``;
-- ``"patches"``: ``[n_prefix, T)``;
+- ``"patches"`` (also ``"spatial"``, the word for a CNN feature map's positions): ``[n_prefix, T)``;
 - several names joined by ``+`` or ``,`` (``"cls+patches"``), a list of names, or a list of integer positions.
 
 Pooled hooks (``hook_pooled``, ``hook_image_embed``) are ``[B, d]``: one vector per image, which is the CLS /
@@ -71,16 +71,29 @@ def token_positions(layout: Any, selection: TokenSelection, n_tokens: int) -> Te
             chosen.update(range(n_cls, n_cls + n_registers))
         elif name == "prefix":
             chosen.update(range(0, n_prefix))
-        elif name in ("patches", "patch"):
+        elif name in ("patches", "patch", "spatial"):
             chosen.update(range(n_prefix, n_tokens))
         else:
             raise ValueError(
-                f"unknown token selection {name!r}; use 'cls', 'patches', 'registers', 'prefix', 'all' "
-                "or integer positions"
+                f"unknown token selection {name!r}; use 'cls', 'patches', 'spatial', 'registers', 'prefix', "
+                "'all' or integer positions"
             )
     if not chosen:
         raise ValueError(f"token selection {selection!r} picks no token out of {n_tokens}")
     return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+def layout_of(model: Any, hook_name: str) -> Any:
+    """The token layout of the activation at ``hook_name``: ``model.layout_at(hook_name)`` where layouts
+    differ per hook (CNN feature maps), else ``model.token_layout``; None for pooled hooks or a model
+    without one."""
+    layout_at = getattr(model, "layout_at", None)
+    if layout_at is None:
+        return getattr(model, "token_layout", None)
+    is_token_hook = getattr(model, "is_token_hook", None)
+    if is_token_hook is not None and not is_token_hook(hook_name):
+        return None
+    return layout_at(hook_name)
 
 
 def check_pooled_selection(selection: TokenSelection, hook_name: str | None = None) -> None:

@@ -151,10 +151,10 @@ def test_wrap_rejects_unsupported_models():
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         wrap_model(torch.nn.Linear(3, 3))
     with torch.device("meta"):
-        resnet = timm.create_model("resnet18")
+        efficientnet = timm.create_model("efficientnet_b0")
         rn50 = open_clip.create_model("RN50", device="meta")
-    with pytest.raises(TypeError, match="VisionTransformer"):
-        wrap_model(resnet)
+    with pytest.raises(TypeError, match="VisionTransformer, ResNet or ConvNeXt"):
+        wrap_model(efficientnet)
     with pytest.raises(NotImplementedError, match="ModifiedResNet"):
         wrap_model(rn50)
 
