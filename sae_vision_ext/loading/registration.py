@@ -26,10 +26,17 @@ from sae_lens.loading import pretrained_saes_directory as directory_module
 from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup
 
 from sae_vision_ext._registration import resume_registration
-from sae_vision_ext.loading.releases import MSAE_LOADER, OVERCOMPLETE_LOADER, RELEASES, VisionRelease
+from sae_vision_ext.loading.releases import (
+    MSAE_LOADER,
+    OVERCOMPLETE_LOADER,
+    PRISMA_LOADER,
+    RELEASES,
+    VisionRelease,
+)
 
 
 def _lookup(release: VisionRelease) -> PretrainedSAELookup:
+    hook = {"hook_name": release.hook_name} if release.hook_name else {}  # empty: per SAE, from its config
     return PretrainedSAELookup(
         release=release.release,
         repo_id=release.repo_id,
@@ -40,7 +47,7 @@ def _lookup(release: VisionRelease) -> PretrainedSAELookup:
         expected_l0={sae_id: 0.0 for sae_id in release.saes},
         neuronpedia_id={},
         norm_scaling_factor={},
-        config_overrides={"model_name": release.model, "hook_name": release.hook_name, **release.metadata},
+        config_overrides={"model_name": release.model, **hook, **release.metadata},
     )
 
 
@@ -60,6 +67,7 @@ def _imported_on_call(module: str, name: str):
 def _loaders() -> dict[str, tuple[Any, Any]]:
     """{conversion_func name: (SAELens loader, SAELens config getter)}."""
     msae, overcomplete = "sae_vision_ext.loading.msae", "sae_vision_ext.loading.overcomplete"
+    prisma = "sae_vision_ext.loading.prisma"
     return {
         MSAE_LOADER: (
             _imported_on_call(msae, "msae_huggingface_loader"),
@@ -68,6 +76,10 @@ def _loaders() -> dict[str, tuple[Any, Any]]:
         OVERCOMPLETE_LOADER: (
             _imported_on_call(overcomplete, "overcomplete_huggingface_loader"),
             _imported_on_call(overcomplete, "get_overcomplete_config_from_hf"),
+        ),
+        PRISMA_LOADER: (
+            _imported_on_call(prisma, "prisma_huggingface_loader"),
+            _imported_on_call(prisma, "get_prisma_config_from_hf"),
         ),
     }
 
