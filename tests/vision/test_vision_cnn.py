@@ -4,6 +4,7 @@ spatial tokens, stop_at_layer, SAE splicing and steering on a map, heatmaps in t
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import timm
@@ -185,3 +186,40 @@ def test_the_activation_source_reads_spatial_rows():
         pixels = torch.stack([preprocess(image) for image in synthetic_images(4)[: chunk.n_images_ok]])
         maps = timm_stage_maps(model.model, pixels)[2]
     torch.testing.assert_close(rows, maps.flatten(2).transpose(1, 2).reshape(-1, 256))
+
+
+def test_an_sae_trained_on_a_convnext_stage_shows_spatial_heatmaps_in_chromium(tmp_path, capsys):
+    """The whole path on a CNN: the runner trains on a ConvNeXt stage's spatial tokens, `sae-vision
+    dashboard` rebuilds the model from the saved SAE's metadata and draws heatmaps on the stage's 4x4 grid."""
+    from sae_lens import SAE
+    from vision_training_helpers import tiny_config
+
+    from sae_vision_ext.analysis.browser import find_chromium, open_page
+    from sae_vision_ext.commands.dashboard import main as dashboard_main
+    from sae_vision_ext.training.runner import VisionSAETrainingRunner
+
+    hook = "stages.2.hook_out"
+    cfg = tiny_config(
+        tmp_path / "run",
+        model_name="timm:convnext_atto",
+        img_size=SIZE,
+        hook_name=hook,
+        token_selection="spatial",
+        sae={"architecture": "topk", "d_in": 160, "d_sae": 320, "k": 8},
+        seed=0,
+    )
+    VisionSAETrainingRunner(cfg, images=synthetic_images(), say=lambda m: None).run()  # builds the model
+    sae = SAE.load_from_disk(tmp_path / "run")
+    meta = sae.cfg.metadata
+    assert (meta.hook_name, meta.token_selection, meta.context_size) == (hook, "spatial", 16)
+    assert meta.token_layout["grid_size"] == [4, 4] and meta.image_size == [SIZE, SIZE]
+
+    out = tmp_path / "dashboard"
+    argv = ["--sae", str(tmp_path / "run"), "--synthetic", "12", "--output", str(out)]
+    assert dashboard_main([*argv, "--n-latents", "4", "--top-k", "3", "--batch-size", "4", "--quiet"]) == 0
+    assert "RANDOM weights (seed 0)" in capsys.readouterr().err  # rebuilt from the metadata
+    report = open_page(out / "dashboard.html", window_size=(1200, 1000), chromium=find_chromium())
+    assert report.returncode == 0 and report.console == [], report.console
+    assert report.body_attribute("data-status") == "ok" and report.count("latent-card") == 4
+    grids = re.findall(r'data-grid="([^"]*)"', report.dom)
+    assert report.count("heatmap") == len(grids) > 0 and set(grids) == {"4x4"}
