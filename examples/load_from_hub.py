@@ -113,10 +113,10 @@ def main(argv=None):
     register_releases()
     if args.list:
         for name, info in RELEASES.items():
-            print(
-                f"{name:32s} {info.repo_id:34s} {info.model:44s} {info.hook_name:26s} "
-                f"ids: {', '.join(info.saes)}"
-            )
+            hook = info.hook_name or "(the sae id)"  # ViT-Prisma: one SAE per hook, named by it
+            ids = list(info.saes)
+            shown = ", ".join(ids) if len(ids) <= 4 else f"{', '.join(ids[:2])}, ... ({len(ids)} ids)"
+            print(f"{name:32s} {info.repo_id:34s} {info.model:44s} {hook:26s} ids: {shown}")
         return 0
     if release not in RELEASES:
         raise SystemExit(f"unknown release {release!r}; choose one of {', '.join(RELEASES)} (see --list)")

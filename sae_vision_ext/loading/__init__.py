@@ -24,6 +24,7 @@ _LAZY = {
     "seed_hf_cache": "sae_vision_ext.loading.hub_cache",
     "msae_huggingface_loader": "sae_vision_ext.loading.msae",
     "overcomplete_huggingface_loader": "sae_vision_ext.loading.overcomplete",
+    "prisma_huggingface_loader": "sae_vision_ext.loading.prisma",
 }
 
 
