@@ -18,6 +18,7 @@ EPILOG = """examples:
   python examples/capture.py --model open_clip:ViT-B-32/laion2b_s34b_b79k \\
       --hooks blocks.5.hook_resid_post,hook_image_embed
   python examples/capture.py --img-size 56 --n-images 2 --stop-at-layer 4      # seconds on a CPU
+  python examples/capture.py --model timm:resnet50.a1_in1k                      # CNN: maps as spatial tokens
 """
 
 
@@ -43,10 +44,11 @@ def parse_args(argv=None):
 
 def default_hooks(model, stop):
     n = model.n_layers if stop is None else stop
-    names = ["hook_embed"]
+    cnn = model.layer_noun == "stages"
+    names = ["hook_stem" if cnn else "hook_embed"]
     if n:
-        names += sorted({f"blocks.{n // 2}.hook_resid_post", f"blocks.{n - 1}.hook_resid_post"},
-                        key=lambda s: int(s.split(".")[1]))
+        layer = "stages.{}.hook_out" if cnn else "blocks.{}.hook_resid_post"
+        names += [layer.format(i) for i in sorted({n // 2, n - 1})]
     if stop is None:
         names.append("hook_pooled")
         if model.has_image_embed:
@@ -70,12 +72,13 @@ def main(argv=None):
         img_size=args.img_size,
         device="cpu",
     )
-    layout = model.token_layout
+    layout = model.token_layout  # None for a CNN: its maps differ in size (model.layout_at(hook))
     print(f"model: {model.spec} ({describe_weights(weights)}); "
-          f"{model.n_layers} blocks, d_model={model.cfg.d_model}, "
+          f"{model.n_layers} {model.layer_noun}, d_model={model.cfg.d_model}, "
           f"image {model.cfg.image_size[0]}x{model.cfg.image_size[1]}, patch {model.cfg.patch_size[0]}")
-    print(f"token layout: {layout.n_cls} CLS + {layout.n_registers} registers + {layout.n_patches} patches "
-          f"(grid {layout.grid_size[0]}x{layout.grid_size[1]}) = {layout.n_tokens} tokens")
+    if layout is not None:
+        print(f"token layout: {layout.n_cls} CLS + {layout.n_registers} registers + {layout.n_patches} "
+              f"patches (grid {layout.grid_size[0]}x{layout.grid_size[1]}) = {layout.n_tokens} tokens")
     print(f"{len(model.hook_dict)} hook points: {describe_hook_names(list(model.hook_dict))}")
 
     photos = sample_images(args.n_images)
@@ -93,7 +96,10 @@ def main(argv=None):
     print("captured activations:")
     for name, acts in cache.cache_dict.items():
         line = f"  {name:32s} {list(acts.shape)}"
-        if model.is_token_hook(name):
+        if model.layer_noun == "stages" and model.is_token_hook(name):
+            grid = model.layout_at(name).grid_size
+            line += f"   feature map {grid[0]}x{grid[1]} as {grid[0] * grid[1]} spatial tokens"
+        elif model.is_token_hook(name):
             parts = [f"{which}={list(layout.select(acts, which).shape)}"
                      for which, count in (("cls", layout.n_cls), ("registers", layout.n_registers),
                                           ("patches", layout.n_patches)) if count]

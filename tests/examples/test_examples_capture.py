@@ -58,3 +58,14 @@ def test_capture_open_clip_with_chosen_hooks_and_stop(capsys):
     lines = [line.split() for line in out.splitlines() if line.startswith("  ")]
     assert [line[0] for line in lines] == ["hook_embed", "blocks.2.hook_mlp_out"]
     assert "[2, 5, 768]" in out and "model output" not in out and "(RANDOM weights (seed 0))" in out
+
+
+def test_capture_a_cnn_prints_each_feature_map_grid(capsys):
+    module = load_script(SCRIPT)
+    code = module.main(["--model", "timm:resnet18", "--random-init", "--img-size", "64", "--n-images", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and "4 stages" in out and "token layout" not in out  # a CNN has one grid per map
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert list(lines) == ["hook_stem", "stages.2.hook_out", "stages.3.hook_out", "hook_pooled"]
+    assert "[2, 256, 64]   feature map 16x16 as 256 spatial tokens" in lines["hook_stem"]
+    assert "[2, 4, 512]" in lines["stages.3.hook_out"] and "[2, 512]" in lines["hook_pooled"]
