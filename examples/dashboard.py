@@ -20,6 +20,7 @@ EPILOG = """examples:
   python examples/dashboard.py --out artifacts/dash       # DINOv2-S, SAE fitted on 32 sample photos
   python examples/dashboard.py --sae runs/dino_l8/final --images ~/data/val --out artifacts/dash --check
   python examples/dashboard.py --model open_clip:ViT-B-32/laion2b_s34b_b79k --hook blocks.8.hook_resid_post
+  python examples/dashboard.py --model timm:convnext_base.fb_in22k --hook stages.2.hook_out  # CNN map
   python examples/dashboard.py --tiny --out /tmp/dash --check        # tiny random CLIP, seconds on a CPU
 """
 
@@ -79,9 +80,8 @@ def fit_topk_sae(rows, hook, d_sae, k, steps, model_name, seed=0):
     with torch.no_grad():
         sae.b_dec.copy_(rows.mean(dim=0))
         sae.b_enc.zero_()
-        sae.W_dec.copy_(
-            torch.nn.functional.normalize(rows[torch.randperm(rows.shape[0])[:d_sae]] - rows.mean(0), dim=-1)
-        )
+        picks = torch.randint(0, rows.shape[0], (d_sae,))  # with replacement: rows may be fewer than d_sae
+        sae.W_dec.copy_(torch.nn.functional.normalize(rows[picks] - rows.mean(0), dim=-1))
         sae.W_enc.copy_(sae.W_dec.T)
     sae.train()
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
@@ -120,7 +120,9 @@ def main(argv=None) -> int:
         sae = SAE.load_from_disk(args.sae)
         ks = None
     else:
-        hook = args.hook or f"blocks.{model.n_layers // 2}.hook_resid_post"
+        middle = model.n_layers // 2
+        cnn = model.layer_noun == "stages"  # a CNN: the middle stage's feature map
+        hook = args.hook or (f"stages.{middle}.hook_out" if cnn else f"blocks.{middle}.hook_resid_post")
         from sae_vision_ext.analysis.toy import make_sae
 
         probe = make_sae(model.hook_width(hook), 1, hook, token_selection="patches")
