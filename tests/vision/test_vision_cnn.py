@@ -223,3 +223,27 @@ def test_an_sae_trained_on_a_convnext_stage_shows_spatial_heatmaps_in_chromium(t
     assert report.body_attribute("data-status") == "ok" and report.count("latent-card") == 4
     grids = re.findall(r'data-grid="([^"]*)"', report.dom)
     assert report.count("heatmap") == len(grids) > 0 and set(grids) == {"4x4"}
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18", "timm:convnext_atto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_on_the_device_in_its_dtype_maps_are_captured_and_rows_arrive_in_float32(device, spec, dtype):
+    from sae_vision_ext.activations.source import ImageActivationSource
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, preprocess = load_vision_model(spec, pretrained=False, img_size=SIZE, device=str(device))
+    model = model.to(device, dtype).eval()
+    x = images().to(device, dtype)
+    hook = "stages.3.hook_out"
+    with torch.no_grad():
+        bare_out = model.model(x)
+        out, cache = model.run_with_cache(x)
+    assert torch.equal(out, bare_out) and out.device.type == device.type
+    assert cache[hook].dtype == dtype and cache[hook].shape == (2, 4, model.hook_width(hook))
+    for selection, name in (("spatial", hook), ("pooled", "hook_pooled")):
+        source = ImageActivationSource(model, preprocess, synthetic_images(2), name, selection)
+        rows = source.activations(x)[name]
+        assert rows.dtype == torch.float32 and rows.device.type == "cpu"
+        flat = cache[name].reshape(-1, cache[name].shape[-1])
+        assert torch.equal(rows, flat.float().cpu())  # [B * H * W, C] spatial rows, [B, d] pooled
