@@ -10,6 +10,9 @@ the two:
 - capture last: ``run_with_cache`` of the last block's ``hook_resid_post`` (full forward)
 - capture all: ``run_with_cache`` of every hook point (full forward)
 - stop L: ``run_with_cache(..., stop_at_layer=L)`` of ``blocks.{L-1}.hook_resid_post``; expected cost ~ L/N
+
+A CNN (``--model timm:resnet50.a1_in1k``, ``timm:convnext_base.fb_in22k``) is measured the same way, with
+stage hooks (``stages.{s}.hook_out``): its maps reach the hooks as spatial-token views, which cost nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ EPILOG = """examples:
   python benchmarks/capture_overhead.py
   python benchmarks/capture_overhead.py --model open_clip:ViT-B-16/openai --batch 8 --repeats 15
   python benchmarks/capture_overhead.py --img-size 112 --repeats 3     # quick look
+  python benchmarks/capture_overhead.py --model timm:resnet50.a1_in1k  # a CNN: stage hooks
 """
 
 
@@ -54,7 +58,9 @@ def main(argv=None):
     images = torch.randn(args.batch, 3, h, w)
     bare = model.model
     bare_forward = bare.encode_image if hasattr(bare, "encode_image") else bare
-    last = f"blocks.{n - 1}.hook_resid_post"
+    cnn = model.layer_noun == "stages"
+    layer_hook = "stages.{}.hook_out" if cnn else "blocks.{}.hook_resid_post"
+    last = layer_hook.format(n - 1)
     stops = sorted({max(1, n // 4), n // 2, (3 * n) // 4})
 
     variants = {
@@ -65,7 +71,7 @@ def main(argv=None):
     }
     for stop in stops:
         variants[f"stop_at_layer={stop} (of {n})"] = (
-            lambda stop=stop: model.run_with_cache(images, names_filter=f"blocks.{stop - 1}.hook_resid_post",
+            lambda stop=stop: model.run_with_cache(images, names_filter=layer_hook.format(stop - 1),
                                                    stop_at_layer=stop))
     times = {name: [] for name in variants}
     cpu_times = {name: [] for name in variants}
@@ -84,8 +90,9 @@ def main(argv=None):
 
     base = statistics.median(times["bare forward"])
     cpu_base = statistics.median(cpu_times["bare forward"])
-    print(f"model {model.spec} (random init), {n} blocks, d_model={model.cfg.d_model}, image {h}x{w}, "
-          f"{model.token_layout.n_tokens} tokens, batch {args.batch}, "
+    tokens = model.layout_at(last).n_tokens
+    print(f"model {model.spec} (random init), {n} {model.layer_noun}, d_model={model.cfg.d_model}, "
+          f"image {h}x{w}, {tokens} tokens at {last}, batch {args.batch}, "
           f"torch threads {torch.get_num_threads()}, "
           f"{args.repeats} interleaved repeats, medians")
     print(f"{'variant':40s} {'wall s':>8s} {'min s':>8s} {'ratio':>6s} "
@@ -93,7 +100,7 @@ def main(argv=None):
     for name, values in times.items():
         median = statistics.median(values)
         expected = ""
-        if name.startswith("stop_at_layer"):
+        if name.startswith("stop_at_layer") and not cnn:  # a CNN's stages differ in cost
             stop = int(name.split("=")[1].split()[0])
             expected = f"~{stop / n:.2f}"
         elif name != "bare forward":
