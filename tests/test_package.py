@@ -42,7 +42,9 @@ def test_import_is_light_and_imports_neither_torch_nor_sae_lens():
         # SAELens already loaded
         pytest.param("import sae_lens; import sae_vision_ext", marks=pytest.mark.slow),
         # a method module imports SAELens
-        "from sae_vision_ext.saes.matryoshka_topk import MatryoshkaTopKSAE",
+        pytest.param(
+            "from sae_vision_ext.saes.matryoshka_topk import MatryoshkaTopKSAE", marks=pytest.mark.slow
+        ),
         pytest.param("from sae_vision_ext.saes.archetypal import RASAE", marks=pytest.mark.slow),
         pytest.param(
             "from sae_vision_ext.loading.overcomplete import OvercompleteSAE", marks=pytest.mark.slow

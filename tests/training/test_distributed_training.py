@@ -311,6 +311,7 @@ def test_cli_sae_size_flags():
         sae_config(DistributedTrainConfig("x", 10, expansion=2, sae=["d_sae=8"]), 16, "cpu")
 
 
+@pytest.mark.slow  # ~30 s; the in-process two-rank gloo test covers the training path in the default suite
 def test_cli_under_torchrun_trains_on_two_processes(tmp_path):
     """``torchrun --nproc_per_node 2 -m sae_vision_ext.cli train-distributed ...`` (gloo, loopback)."""
 
